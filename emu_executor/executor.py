@@ -1,0 +1,339 @@
+"""EmulatedExecutor: vLLM's engine with the forward pass replaced by a profile.
+
+Selected with ``--distributed-executor-backend emu_executor.EmulatedExecutor``
+(vLLM resolves the qualname in ``Executor.get_class``). Everything above the
+executor is vLLM's own: API server, V1 (async) scheduler, KV-cache manager,
+prefix cache, chunked prefill, preemption, detokenizer, /metrics.
+
+Per step (``execute_model`` then ``sample_tokens``, as EngineCore calls them):
+
+1. read the step's requests from ``SchedulerOutput`` (:mod:`features`);
+2. draw the step latency from the oracle (:mod:`profiles.oracle`) and put the
+   step on the :class:`~emu_executor.timing.VirtualDevice` timeline:
+   it ends at ``max(now, previous end) + latency``;
+3. ``execute_model`` returns ``None`` (as vLLM's GPU runner does; the output
+   comes from ``sample_tokens``); ``sample_tokens`` picks one synthetic token
+   for every request whose token is due (none for a partial chunked prefill),
+   honouring the grammar bitmask, and returns a Future resolved at the
+   step's end (blocking call: waits until then).
+
+KV cache: ``get_kv_cache_spec`` is built from the model config (full
+attention, or sliding window per layer where the config says so);
+``determine_available_memory`` returns exactly the bytes that make vLLM's
+allocator produce the profile's KV token capacity (blocks x block_size), so
+admission and preemption happen where they did on the profiled hardware.
+No worker, no weights, no device tensors.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import numpy as np
+
+from vllm.v1.executor.abstract import Executor
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
+from vllm.v1.worker.worker_base import CompilationTimes
+
+from emu_executor.features import RequestTable, ScheduledRequest, step_features
+from emu_executor.settings import EmuSettings
+from emu_executor.timing import TimedFuture, VirtualDevice, wait_until
+from emu_executor.tokens import SyntheticTokens, TokenState, bitmask_rows
+from profiles.format import Profile
+from profiles.oracle import ConstantOracle, LatencyOracle, build_oracle
+
+# vLLM shows plugin log lines only for loggers named "vllm.*" (VLLM_NOTES.md).
+logger = logging.getLogger("vllm.emugate.executor")
+
+
+def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
+    """Per-layer KV-cache spec for the model, as vLLM's GPU runner would report it.
+
+    Returns {layer name: FullAttentionSpec | SlidingWindowSpec}. Layer kinds
+    come from ``hf_config.layer_types`` ("sliding_attention" /
+    "full_attention") when present, else all layers are sliding when
+    ``hf_config.sliding_window`` is set, else full attention.
+
+    Raises:
+        NotImplementedError: attention-free / Mamba / MLA models (their state
+            specs are not emulated yet).
+    """
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    if mc.use_mla or getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+        raise NotImplementedError(
+            f"emulate mode supports attention KV caches only; {mc.model} uses MLA, Mamba or no attention"
+        )
+    hf = mc.hf_text_config
+    n_layers = mc.get_num_layers(pc)
+    kv_heads = mc.get_num_kv_heads(pc)
+    head = mc.get_head_size()
+    dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, mc)
+    block = vllm_config.cache_config.block_size
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    specs: dict[str, Any] = {}
+    for i in range(n_layers):
+        sliding = bool(window) and (
+            layer_types is None or (i < len(layer_types) and layer_types[i] == "sliding_attention"))
+        name = f"model.layers.{i}.self_attn.attn"
+        if sliding:
+            specs[name] = SlidingWindowSpec(block_size=block, num_kv_heads=kv_heads, head_size=head,
+                                            dtype=dtype, sliding_window=int(window))
+        else:
+            specs[name] = FullAttentionSpec(block_size=block, num_kv_heads=kv_heads, head_size=head,
+                                            dtype=dtype)
+    return specs
+
+
+def kv_bytes_per_token(specs: dict[str, Any]) -> float:
+    """KV bytes one token occupies across all layers (page_size_bytes / block_size summed)."""
+    return sum(s.page_size_bytes / s.block_size for s in specs.values())
+
+
+class _Step:
+    """An executed step waiting for ``sample_tokens``."""
+
+    __slots__ = ("reqs", "end", "so")
+
+    def __init__(self, reqs: list[ScheduledRequest], end: float, so) -> None:
+        self.reqs = reqs
+        self.end = end
+        self.so = so
+
+
+class EmulatedExecutor(Executor):
+    """vLLM Executor that emulates the forward pass from a latency profile.
+
+    Configured by environment variables (see :mod:`emu_executor.settings`).
+    Raises at start-up (clear messages, surfaced by vLLM as engine start
+    errors): no profile configured, profile unreadable, or unsupported model.
+    """
+
+    uses_ray = False
+    supports_pp = False
+
+    # ------------------------------------------------------------ set-up
+    def _init_executor(self) -> None:
+        st = EmuSettings.from_env()
+        self.settings = st
+        if self.speculative_config is not None:
+            raise NotImplementedError("emulate mode does not emulate speculative decoding yet")
+        self.profile: Profile | None = None
+        if st.step_ms is not None:
+            self.oracle: LatencyOracle = ConstantOracle(st.step_ms * 1000.0)
+            if st.profile:
+                self.profile = Profile.load(st.profile)
+        elif st.profile:
+            self.profile = Profile.load(st.profile)
+            self.oracle = build_oracle(self.profile, st.oracle, seed=st.seed)
+        else:
+            raise RuntimeError(
+                "EmulatedExecutor needs a profile: set EMUGATE_PROFILE to a profile file or a "
+                "bundled profile name (or EMUGATE_STEP_MS for a fixed step), or start vLLM with "
+                "`python -m emu_executor.serve --profile NAME ...`"
+            )
+        self.world_size = self.parallel_config.world_size
+        self.device = VirtualDevice()
+        self.requests = RequestTable()
+        self.token_state: dict[str, TokenState] = {}
+        self.pending: deque[_Step] = deque()
+        self.kv_specs = build_kv_cache_spec(self.vllm_config)
+        self.tokens = self._make_tokens()
+        self._vocab = self.model_config.get_vocab_size()
+        self.num_steps = 0
+        if self.profile is not None:
+            from emu_executor.fingerprint import compare_fingerprint
+            for line in compare_fingerprint(self.profile.fingerprint, self.vllm_config):
+                logger.warning("emugate: profile fingerprint differs: %s", line)
+        logger.info("emugate: emulated executor ready (oracle=%s, profile=%s, %d KV layers)",
+                    self.oracle.name, st.profile, len(self.kv_specs))
+
+    def _make_tokens(self) -> SyntheticTokens:
+        mc = self.model_config
+        vocab = mc.get_vocab_size()
+        eos = getattr(mc.hf_config, "eos_token_id", None)
+        decode, special = None, set()
+        try:
+            from vllm.tokenizers import cached_tokenizer_from_config
+            tok = cached_tokenizer_from_config(mc)
+            eos = tok.eos_token_id
+            special = set(getattr(tok, "all_special_ids", []) or [])
+            decode = lambda i: tok.decode([i])  # noqa: E731
+        except Exception as e:  # skip_tokenizer_init or an unusual tokenizer
+            logger.warning("emugate: tokenizer unavailable (%s); tokens drawn by id range", e)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        t0 = time.perf_counter()
+        out_lens = self.profile.output_lengths if self.profile is not None else None
+        tokens = SyntheticTokens(vocab, eos, decode, out_lens, seed=self.settings.seed, special_ids=special)
+        logger.info("emugate: token pool of %d words built in %.2f s", len(tokens.pool), time.perf_counter() - t0)
+        return tokens
+
+    # ------------------------------------------------------- RPC surface
+    def collective_rpc(self, method: str | Callable, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict | None = None, non_block: bool = False, single_value: bool = False):
+        """Answer the worker RPCs EngineCore sends (VLLM_NOTES.md lists them) locally."""
+        if callable(method):
+            raise NotImplementedError("emulate mode has no workers to run callables on")
+        fn = getattr(self, f"_rpc_{method}", None)
+        if fn is None:
+            raise NotImplementedError(f"emulate mode does not support the worker RPC {method!r}")
+        result = fn(*args, **(kwargs or {}))
+        results = result if single_value else [result] * (1 if method == "get_supported_tasks" else self.world_size)
+        if non_block:
+            f: Future = Future()
+            f.set_result(results)
+            return f
+        return results
+
+    def _rpc_get_kv_cache_spec(self):
+        return self.kv_specs
+
+    def _rpc_get_supported_kv_cache_layouts(self):
+        return ["LBNHC", "LBHNC"]
+
+    def _rpc_set_kv_cache_layout(self, layout_name: str) -> None:
+        return None
+
+    def _rpc_determine_available_memory(self) -> int:
+        """Bytes such that vLLM's allocator yields the profile's KV token capacity."""
+        fp = self.profile.fingerprint if self.profile is not None else {}
+        blocks, bsize = fp.get("num_kv_blocks"), fp.get("block_size")
+        if blocks and bsize:
+            tokens = int(blocks) * int(bsize)
+        else:
+            tokens = int(os.environ.get("EMUGATE_KV_TOKENS", 1 << 20))
+        block = self.cache_config.block_size
+        n_blocks = max(1, tokens // block)
+        page_all_layers = sum(s.page_size_bytes for s in self.kv_specs.values())
+        logger.info("emugate: KV pool sized to %d blocks of %d tokens (profile: %s x %s)",
+                    n_blocks, block, blocks, bsize)
+        return n_blocks * page_all_layers
+
+    def _rpc_initialize_from_config(self, kv_cache_configs) -> None:
+        return None
+
+    def _rpc_compile_or_warm_up_model(self) -> CompilationTimes:
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    def _rpc_get_supported_tasks(self):
+        return ("generate",)
+
+    def _rpc_update_max_model_len(self, max_model_len: int) -> None:
+        return None
+
+    def _rpc_reset_mm_cache(self) -> None:
+        return None
+
+    def _rpc_reset_encoder_cache(self) -> None:
+        return None
+
+    def _rpc_get_kv_connector_handshake_metadata(self):
+        return {}
+
+    def _rpc_take_draft_token_ids(self):
+        return None
+
+    def _rpc_supports_draft_weight_updates(self) -> bool:
+        return False
+
+    def _rpc_shutdown(self) -> None:
+        return None
+
+    def _rpc_profile(self, *a, **k) -> None:
+        return None
+
+    def _rpc_sleep(self, level: int = 1) -> None:
+        return None
+
+    def _rpc_wake_up(self, tags=None) -> None:
+        return None
+
+    def check_health(self) -> None:
+        return None
+
+    @classmethod
+    def supports_async_scheduling(cls) -> bool:
+        return True
+
+    def take_draft_token_ids(self):
+        return None
+
+    def shutdown(self) -> None:
+        if self.settings.timing_log and self.device.lateness_s:
+            with open(self.settings.timing_log, "a") as f:
+                f.write("\n".join(f"{x * 1e6:.1f}" for x in self.device.lateness_s) + "\n")
+
+    # ------------------------------------------------------------ steps
+    def execute_model(self, scheduler_output, non_block: bool = False):
+        """Put the step on the virtual device; return None (output via sample_tokens).
+
+        A step with no scheduled tokens returns vLLM's empty output at once.
+        """
+        so = scheduler_output
+        for rid in so.finished_req_ids:
+            self.token_state.pop(rid, None)
+        reqs = self.requests.update(so)
+        for nr in so.scheduled_new_reqs:
+            if nr.req_id not in self.token_state and nr.sampling_params is not None:
+                self.token_state[nr.req_id] = self.tokens.new_request(nr.sampling_params)
+        if so.total_num_scheduled_tokens == 0:
+            out = EMPTY_MODEL_RUNNER_OUTPUT
+        else:
+            latency_us = self.oracle.sample_us(step_features(reqs))
+            self.pending.append(_Step(reqs, self.device.submit(latency_us * 1e-6), so))
+            self.num_steps += 1
+            out = None
+        if non_block:
+            f: Future = Future()
+            f.set_result(out)
+            return f
+        return out
+
+    def sample_tokens(self, grammar_output, non_block: bool = False):
+        """Synthetic tokens for the oldest executed step, available at its end time."""
+        step = self.pending.popleft()
+        output = self._make_output(step, grammar_output)
+        if non_block:
+            return TimedFuture(step.end, lambda: output, self.device)
+        self.device.record_lateness(wait_until(step.end))
+        return output
+
+    def _make_output(self, step: _Step, grammar_output) -> ModelRunnerOutput:
+        allowed_rows: dict[str, np.ndarray] = {}
+        if grammar_output is not None and len(grammar_output.structured_output_request_ids):
+            rows = bitmask_rows(grammar_output.grammar_bitmask, self._vocab)
+            for i, rid in enumerate(grammar_output.structured_output_request_ids):
+                allowed_rows[rid] = rows[i]
+        req_ids: list[str] = []
+        sampled: list[list[int]] = []
+        width = 0
+        for r in step.reqs:
+            req_ids.append(r.req_id)
+            st = self.token_state.get(r.req_id)
+            if not r.due or st is None:
+                sampled.append([])
+                continue
+            sampled.append([self.tokens.next_token(st, r.num_output_tokens, allowed_rows.get(r.req_id))])
+            if st.num_logprobs is not None:
+                width = max(width, st.num_logprobs + 1)
+        logprobs = self._logprobs(req_ids, sampled, width) if width else None
+        return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                 sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _logprobs(self, req_ids: list[str], sampled: list[list[int]], width: int) -> LogprobsLists:
+        ids = np.zeros((len(req_ids), width), dtype=np.int32)
+        lps = np.zeros((len(req_ids), width), dtype=np.float32)
+        for i, (rid, toks) in enumerate(zip(req_ids, sampled)):
+            if toks:
+                row_ids, row_lps = self.tokens.logprob_row(self.token_state.get(rid), toks[0], width)
+                ids[i], lps[i] = row_ids, row_lps
+        return LogprobsLists(ids, lps, np.ones(len(req_ids), dtype=np.int32), None)

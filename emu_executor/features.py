@@ -1,0 +1,91 @@
+"""SchedulerOutput -> step features, shared by the emulated and profiling executors.
+
+Keeps a small per-request table (prompt length) because a cached request's
+``SchedulerOutput`` entry carries its computed and output token counts but not
+its prompt length. Rules (VLLM_NOTES.md, checked against vLLM 0.32's GPU
+runner ``discard_request_mask``):
+
+* a request's output token is *due* in a step when
+  ``num_computed + num_scheduled >= prompt_len + num_output_tokens``
+  (the scheduler's ``num_output_tokens`` already counts async placeholders);
+  a partial chunked prefill gets no token;
+* a scheduled request is *decode* when it schedules exactly one token and its
+  prompt is already computed; every other scheduled request is *prefill*
+  (first prefill, a chunk of a chunked prefill, or a recompute after preemption).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from profiles.oracle import StepFeatures
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's part in a step. Token counts are tokens."""
+
+    req_id: str
+    num_scheduled: int
+    num_computed: int
+    num_output_tokens: int  # output tokens before this step (incl. async placeholders)
+    prompt_len: int
+    due: bool  # this step emits an output token for it
+
+
+class RequestTable:
+    """Tracks prompt lengths (and any per-request state) across steps.
+
+    ``state`` maps req_id -> an arbitrary object the owner attaches at first
+    sight (``on_new``); rows are dropped when vLLM lists the id in
+    ``finished_req_ids``.
+    """
+
+    def __init__(self) -> None:
+        self.prompt_len: dict[str, int] = {}
+
+    def update(self, so) -> list[ScheduledRequest]:
+        """Register new requests, forget finished ones, and list the step's requests."""
+        for rid in so.finished_req_ids:
+            self.forget(rid)
+        nst = so.num_scheduled_tokens
+        out: list[ScheduledRequest] = []
+        for nr in so.scheduled_new_reqs:
+            plen = nr.prompt_len
+            self.prompt_len[nr.req_id] = plen
+            n = nst.get(nr.req_id, 0)
+            if n:
+                out.append(ScheduledRequest(nr.req_id, n, nr.num_computed_tokens, 0, plen,
+                                            nr.num_computed_tokens + n >= plen))
+        cr = so.scheduled_cached_reqs
+        for i, rid in enumerate(cr.req_ids):
+            n = nst.get(rid, 0)
+            if not n:
+                continue
+            plen = self.prompt_len.get(rid)
+            if plen is None:  # resumed with all tokens; prompt length unknown to us
+                plen = len(cr.all_token_ids.get(rid, ())) - cr.num_output_tokens[i]
+                self.prompt_len[rid] = plen
+            comp, nout = cr.num_computed_tokens[i], cr.num_output_tokens[i]
+            out.append(ScheduledRequest(rid, n, comp, nout, plen, comp + n >= plen + nout))
+        return out
+
+    def forget(self, req_id: str) -> None:
+        self.prompt_len.pop(req_id, None)
+
+
+def step_features(reqs: list[ScheduledRequest]) -> StepFeatures:
+    """Aggregate a step's requests into the oracle's :class:`StepFeatures`."""
+    num_tokens = prefill_tokens = decode_reqs = prefill_reqs = context = 0
+    attn = 0.0
+    for r in reqs:
+        n = r.num_scheduled
+        num_tokens += n
+        context += r.num_computed
+        attn += n * (r.num_computed + n / 2)
+        if n == 1 and r.num_computed >= r.prompt_len:
+            decode_reqs += 1
+        else:
+            prefill_reqs += 1
+            prefill_tokens += n
+    return StepFeatures(num_tokens, len(reqs), prefill_tokens, decode_reqs, prefill_reqs,
+                        context, int(attn))

@@ -1,0 +1,93 @@
+"""Platform plugin (entry point group ``vllm.platform_plugins``): emulate mode only.
+
+On a CPU-only host vLLM picks its CPU platform, which forces async
+scheduling off and sets CPU defaults (block_size 128, max_num_batched_tokens
+2048, max_num_seqs 128 per TP rank; VLLM_NOTES.md). An emulated H100 must be
+scheduled like an H100, so when emulate mode is on (``EMUGATE_PROFILE`` or
+``EMUGATE_STEP_MS`` set, see :mod:`emu_executor.settings`) this plugin
+returns :class:`EmulatedPlatform`: the CPU platform (host tensors still live
+on the CPU) whose config hook then restores what the profile's fingerprint
+recorded, unless the user set it on the command line:
+
+* ``async_scheduling``    -> fingerprint (default True, vLLM's CUDA default)
+* ``block_size``          -> fingerprint (default 16) unless ``--block-size``
+* ``max_num_batched_tokens`` / ``max_num_seqs`` -> fingerprint when they are
+  still the CPU defaults (default 8192 / 1024, vLLM's H100/H200 serve defaults)
+
+It logs every value it sets. Without the environment variables the plugin
+returns None and vLLM behaves exactly as installed.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from emu_executor.settings import EmuSettings
+
+logger = logging.getLogger("vllm.emugate.platform")
+
+#: What the emulated scheduler uses when the profile's fingerprint lacks a
+#: key: vLLM 0.32's CUDA defaults for an H100/H200 OpenAI server.
+GPU_DEFAULTS = {"async_scheduling": True, "block_size": 16,
+                "max_num_batched_tokens": 8192, "max_num_seqs": 1024}
+
+
+def register() -> str | None:
+    """Entry point: the platform qualname in emulate mode, else None."""
+    return "emu_executor.platform.EmulatedPlatform" if EmuSettings.from_env().active else None
+
+
+def _fingerprint() -> dict:
+    st = EmuSettings.from_env()
+    if not st.profile:
+        return {}
+    from profiles.format import read_header, resolve_profile
+    path = resolve_profile(st.profile)
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return read_header(head, str(Path(path))).get("fingerprint", {})
+
+
+def _make_platform():
+    from vllm.platforms.cpu import CpuPlatform
+
+    class EmulatedPlatform(CpuPlatform):
+        """CPU platform whose scheduler settings come from the profiled hardware."""
+
+        @classmethod
+        def check_and_update_config(cls, vllm_config) -> None:
+            sc, cc, pc = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
+            user_block = cc.user_specified_block_size
+            user_block_size = cc.block_size
+            super().check_and_update_config(vllm_config)
+            fp = {**GPU_DEFAULTS, **{k: v for k, v in _fingerprint().items() if k in GPU_DEFAULTS}}
+            tp = pc.tensor_parallel_size * pc.pipeline_parallel_size
+            set_ = []
+            sc.async_scheduling = bool(fp["async_scheduling"])
+            set_.append(f"async_scheduling={sc.async_scheduling}")
+            if user_block:
+                cc.block_size = user_block_size
+            else:
+                cc.block_size = int(fp["block_size"])
+                set_.append(f"block_size={cc.block_size}")
+            if sc.max_num_batched_tokens == 2048 * tp:
+                sc.max_num_batched_tokens = int(fp["max_num_batched_tokens"])
+                set_.append(f"max_num_batched_tokens={sc.max_num_batched_tokens}")
+            if sc.max_num_seqs == 128 * tp:
+                sc.max_num_seqs = int(fp["max_num_seqs"])
+                set_.append(f"max_num_seqs={sc.max_num_seqs}")
+            if pc.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker":
+                pass  # the emulated executor starts no worker
+            logger.info("emugate platform: scheduler configured as profiled: %s", ", ".join(set_))
+
+    return EmulatedPlatform
+
+
+def __getattr__(name: str):
+    # vLLM resolves the qualname after its platform module is importable;
+    # build the subclass lazily so importing this module never imports vLLM.
+    if name == "EmulatedPlatform":
+        cls = _make_platform()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

@@ -1,0 +1,48 @@
+"""How emulate mode is configured: environment variables read in every vLLM process.
+
+vLLM starts its engine core in a child process and resolves the platform
+before any command-line parsing, so emulate mode is configured through the
+environment (inherited by every vLLM process):
+
+=========================  ====================================================
+``EMUGATE_PROFILE``        profile file or bundled profile name (required,
+                           unless ``EMUGATE_STEP_MS`` is set). Setting it also
+                           activates the emulation platform plugin.
+``EMUGATE_ORACLE``         ``feature`` (default) or ``grid2d`` (LLM-Emu baseline)
+``EMUGATE_SEED``           integer seed for latency draws and tokens (default 0)
+``EMUGATE_STEP_MS``        fixed step latency in ms (no profile; for timing tests)
+``EMUGATE_TIMING_LOG``     file to which the executor appends each step's
+                           lateness (us) at shutdown (timing benchmark)
+=========================  ====================================================
+
+``python -m emu_executor.serve --profile NAME ...`` sets these for you.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EmuSettings:
+    profile: str | None
+    oracle: str
+    seed: int
+    step_ms: float | None
+    timing_log: str | None
+
+    @classmethod
+    def from_env(cls) -> "EmuSettings":
+        step = os.environ.get("EMUGATE_STEP_MS")
+        return cls(
+            profile=os.environ.get("EMUGATE_PROFILE") or None,
+            oracle=os.environ.get("EMUGATE_ORACLE", "feature"),
+            seed=int(os.environ.get("EMUGATE_SEED", "0")),
+            step_ms=float(step) if step else None,
+            timing_log=os.environ.get("EMUGATE_TIMING_LOG") or None,
+        )
+
+    @property
+    def active(self) -> bool:
+        """Emulate mode is on in this process tree."""
+        return self.profile is not None or self.step_ms is not None

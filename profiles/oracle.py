@@ -1,0 +1,317 @@
+"""Latency oracles: step features -> sampled step latency (microseconds).
+
+Two oracles share one interface (:class:`LatencyOracle`):
+
+``Grid2DOracle`` — the baseline, after LLM-Emu (arXiv 2605.00616, sec. 4):
+    steps are split into two classes, *prefill-containing* and *decode-only*,
+    and keyed by (total scheduled tokens, running requests) on a log grid.
+    A populated cell answers with one of its recorded samples drawn at random
+    (so the recorded variance survives); an empty cell pools its nearest
+    populated cells with adaptive-K Shepard (inverse-distance-squared)
+    weighting of their medians, and takes its noise from the nearest cell.
+
+``FeatureOracle`` — what we keep (see ``benchmarks/oracle_accuracy.py``):
+    the same grid, but each class first gets a least-squares linear model over
+    the features the scheduler exposes beyond the 2D key: prefill tokens,
+    the attention-work proxy sum(scheduled*(computed+scheduled/2)) and the
+    context tokens already in the KV cache. Cells then store the
+    *ratio* actual/linear (median and samples). Within a cell the linear part
+    tracks context length and the prefill/decode mix, which the 2D key cannot
+    see; across empty cells the linear part extrapolates where Shepard
+    pooling of neighbours can only average.
+
+Grid: each axis is bucketed with two buckets per octave
+(``_bucket(x) = 2*bit_length(x) + second-highest bit``), so cells are ~41%
+wide in relative terms, matching LLM-Emu's geometric bucketing.
+
+Query cost is plain-Python arithmetic on a dict lookup (no numpy per query):
+``benchmarks/oracle_accuracy.py`` reports it (target <= 20 us).
+All latencies in and out are microseconds (us). Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from profiles.format import Profile
+
+DECODE, PREFILL = 0, 1
+CLASS_NAMES = {DECODE: "decode-only", PREFILL: "prefill-containing"}
+
+#: Feature order used by the linear model of FeatureOracle (after a constant).
+LINEAR_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "context_tokens")
+
+
+def _bucket(x: int) -> int:
+    """Log bucket with two buckets per octave; 0 for x <= 0."""
+    if x <= 0:
+        return 0
+    b = x.bit_length()
+    return 2 * b + ((x >> (b - 2)) & 1 if b >= 2 else 0)
+
+
+@dataclass(frozen=True)
+class StepFeatures:
+    """Features of one engine step, as read from vLLM's SchedulerOutput.
+
+    All counts are tokens or requests (integers). ``attn_work`` is
+    sum over scheduled requests of n_sched * (n_computed + n_sched / 2),
+    a proxy for causal attention FLOPs (token-pairs).
+    """
+
+    num_tokens: int
+    num_reqs: int
+    prefill_tokens: int
+    decode_reqs: int
+    prefill_reqs: int
+    context_tokens: int
+    attn_work: int
+
+    @property
+    def step_class(self) -> int:
+        return PREFILL if self.prefill_tokens > 0 else DECODE
+
+
+def profile_features(profile: Profile, idx: np.ndarray | None = None) -> list[StepFeatures]:
+    """Rows of a profile's step table as StepFeatures (optionally a subset ``idx``)."""
+    s = profile.steps
+    cols = [s[f].astype(np.int64) for f in
+            ("num_tokens", "num_reqs", "prefill_tokens", "decode_reqs", "prefill_reqs",
+             "context_tokens", "attn_work")]
+    if idx is not None:
+        cols = [c[idx] for c in cols]
+    return [StepFeatures(*map(int, row)) for row in zip(*cols)]
+
+
+class LatencyOracle:
+    """Interface: ``sample_us(features)`` -> one latency draw (us);
+    ``predict_us(features)`` -> the point estimate (median-like, us)."""
+
+    name = "oracle"
+
+    def sample_us(self, f: StepFeatures) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def predict_us(self, f: StepFeatures) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _Cells:
+    """Per-class grid of sample arrays with Shepard pooling for empty cells.
+
+    ``values`` are what the cells hold (latencies for the 2D oracle, ratios
+    for the feature oracle). A cell with at least ``min_samples`` values is
+    *populated*.
+    """
+
+    def __init__(self, keys: list[tuple[int, int, int]], values: np.ndarray,
+                 min_samples: int = 3, k_max: int = 8, pool_samples: int = 24):
+        self.min_samples = min_samples
+        self.k_max = k_max
+        self.pool_samples = pool_samples
+        groups: dict[tuple[int, int, int], list[float]] = {}
+        for k, v in zip(keys, values.tolist()):
+            groups.setdefault(k, []).append(v)
+        self.cells: dict[tuple[int, int, int], tuple[float, list[float]]] = {}
+        for k, vs in groups.items():
+            if len(vs) >= min_samples:
+                vs.sort()
+                self.cells[k] = (float(np.median(vs)), vs)
+        self._coords = {
+            c: np.array([(k[1], k[2]) for k in self.cells if k[0] == c], dtype=float).reshape(-1, 2)
+            for c in (DECODE, PREFILL)
+        }
+        self._ckeys = {c: [k for k in self.cells if k[0] == c] for c in (DECODE, PREFILL)}
+        self._memo: dict[tuple[int, int, int], tuple[float, list[float]] | None] = {}
+
+    def lookup(self, key: tuple[int, int, int]) -> tuple[float, list[float]] | None:
+        """(center, samples) for a key: its own cell, else a Shepard-pooled center
+        with the nearest populated cell's samples rescaled to that center."""
+        cell = self.cells.get(key)
+        if cell is not None:
+            return cell
+        if key in self._memo:
+            return self._memo[key]
+        res = self._pool(key)
+        self._memo[key] = res
+        return res
+
+    def _pool(self, key):
+        c = key[0]
+        coords = self._coords[c]
+        keys = self._ckeys[c]
+        if not len(keys):
+            other = DECODE if c == PREFILL else PREFILL
+            if not len(self._ckeys[other]):
+                return None
+            coords, keys = self._coords[other], self._ckeys[other]
+        d2 = ((coords - np.array([key[1], key[2]], dtype=float)) ** 2).sum(axis=1)
+        order = np.argsort(d2, kind="stable")
+        # adaptive K: grow the neighbourhood until it holds pool_samples values
+        chosen, total = [], 0
+        for i in order[: self.k_max]:
+            chosen.append(int(i))
+            total += len(self.cells[keys[i]][1])
+            if total >= self.pool_samples:
+                break
+        w = 1.0 / np.maximum(d2[chosen], 1e-9)
+        centers = np.array([self.cells[keys[i]][0] for i in chosen])
+        center = float((w * centers).sum() / w.sum())
+        near_center, near_samples = self.cells[keys[chosen[0]]]
+        scale = center / near_center if near_center else 1.0
+        return center, [v * scale for v in near_samples]
+
+
+class Grid2DOracle(LatencyOracle):
+    """LLM-Emu's density-aware 2D oracle (baseline). See module docstring.
+
+    Args:
+        profile: the recorded steps.
+        seed: RNG seed; the same seed and query sequence give the same draws.
+        idx: optional subset of step rows to build from (for held-out tests).
+    """
+
+    name = "grid2d"
+
+    def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None):
+        feats = profile_features(profile, idx)
+        lat = profile.steps["latency_us"].astype(float)
+        if idx is not None:
+            lat = lat[idx]
+        keys = [(f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)) for f in feats]
+        self._cells = _Cells(keys, lat)
+        self._rng = random.Random(seed)
+        self._fallback = float(np.median(lat)) if len(lat) else 1000.0
+
+    def predict_us(self, f: StepFeatures) -> float:
+        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        return cell[0] if cell else self._fallback
+
+    def sample_us(self, f: StepFeatures) -> float:
+        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        if cell is None:
+            return self._fallback
+        samples = cell[1]
+        return samples[int(self._rng.random() * len(samples))]
+
+
+class FeatureOracle(LatencyOracle):
+    """Linear model over scheduler features x per-cell ratio samples (kept).
+
+    Prediction = linear_c(x) * ratio, with ratio drawn from the (class,
+    tokens, requests) cell of actual/linear ratios (pooled as in the 2D
+    oracle when the cell is empty). The linear fit per class is ordinary
+    least squares on ``[1, *LINEAR_FEATURES]`` with relative weighting
+    (rows scaled by 1/latency, so small and large steps count alike).
+
+    Args: as :class:`Grid2DOracle`.
+    """
+
+    name = "feature"
+
+    def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None):
+        feats = profile_features(profile, idx)
+        lat = profile.steps["latency_us"].astype(float)
+        if idx is not None:
+            lat = lat[idx]
+        self._coef: dict[int, list[float]] = {}
+        cls = np.array([f.step_class for f in feats], dtype=int)
+        X = np.array([[1.0] + [float(getattr(f, n)) for n in LINEAR_FEATURES] for f in feats]).reshape(-1, 1 + len(LINEAR_FEATURES))
+        for c in (DECODE, PREFILL):
+            m = cls == c
+            if m.sum() >= 2 * X.shape[1]:
+                w = 1.0 / np.maximum(lat[m], 1.0)
+                coef, *_ = np.linalg.lstsq(X[m] * w[:, None], lat[m] * w, rcond=None)
+                self._coef[c] = coef.tolist()
+        if not self._coef:
+            med = float(np.median(lat)) if len(lat) else 1000.0
+            self._coef[DECODE] = [med] + [0.0] * len(LINEAR_FEATURES)
+        floor = max(float(np.percentile(lat, 1)) * 0.5, 1.0) if len(lat) else 1.0
+        self._floor = floor
+        lin = np.array([self._linear(f) for f in feats])
+        ratios = lat / lin if len(lat) else lat
+        keys = [(f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)) for f in feats]
+        self._cells = _Cells(keys, ratios)
+        self._rng = random.Random(seed)
+
+    def _linear(self, f: StepFeatures) -> float:
+        c = self._coef.get(f.step_class) or next(iter(self._coef.values()))
+        v = (c[0] + c[1] * f.num_tokens + c[2] * f.num_reqs + c[3] * f.prefill_tokens
+             + c[4] * f.attn_work + c[5] * f.context_tokens)
+        return v if v > self._floor else self._floor
+
+    def predict_us(self, f: StepFeatures) -> float:
+        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        return self._linear(f) * (cell[0] if cell else 1.0)
+
+    def sample_us(self, f: StepFeatures) -> float:
+        lin = self._linear(f)
+        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        if cell is None:
+            return lin
+        samples = cell[1]
+        return lin * samples[int(self._rng.random() * len(samples))]
+
+
+class ConstantOracle(LatencyOracle):
+    """Every step takes ``latency_us`` microseconds (for timing tests and benchmarks)."""
+
+    name = "constant"
+
+    def __init__(self, latency_us: float):
+        self.latency_us = float(latency_us)
+
+    def sample_us(self, f: StepFeatures) -> float:
+        return self.latency_us
+
+    def predict_us(self, f: StepFeatures) -> float:
+        return self.latency_us
+
+
+ORACLES = {"grid2d": Grid2DOracle, "feature": FeatureOracle}
+
+
+def build_oracle(profile: Profile, kind: str = "feature", seed: int = 0) -> LatencyOracle:
+    """Oracle by name: ``feature`` (default, kept) or ``grid2d`` (LLM-Emu baseline).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    try:
+        return ORACLES[kind](profile, seed=seed)
+    except KeyError:
+        raise ValueError(f"unknown oracle {kind!r}; choose one of {sorted(ORACLES)}") from None
+
+
+def heldout_errors(profile: Profile, kind: str, test_frac: float = 0.2, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Absolute % error of ``predict_us`` on held-out steps, per step class.
+
+    Splits the steps at random (``seed``) into build (1-test_frac) and test
+    sets, builds the oracle from the build set only, and returns
+    {class name: {"median": %, "p90": %, "n": count}}.
+    """
+    n = profile.num_steps
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_test = max(1, int(n * test_frac))
+    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    oracle = ORACLES[kind](profile, seed=seed, idx=train)
+    feats = profile_features(profile, test)
+    actual = profile.steps["latency_us"][test].astype(float)
+    pred = np.array([oracle.predict_us(f) for f in feats])
+    err = np.abs(pred - actual) / np.maximum(actual, 1.0) * 100.0
+    cls = np.array([f.step_class for f in feats])
+    out = {}
+    for c, name in CLASS_NAMES.items():
+        e = err[cls == c]
+        if len(e):
+            out[name] = {"median": float(np.median(e)), "p90": float(np.percentile(e, 90)), "n": int(len(e))}
+    return out
+
+
+def percent(x: float) -> str:
+    """Format a percentage with one decimal (helper for reports)."""
+    return f"{x:.1f}%" if math.isfinite(x) else "n/a"
