@@ -198,6 +198,31 @@ class Grid2DOracle(LatencyOracle):
         return samples[int(self._rng.random() * len(samples))]
 
 
+#: A class gets its own linear model only with this many rows per coefficient.
+MIN_FIT_ROWS_PER_FEATURE = 10
+
+
+def _nonneg_fit(X: np.ndarray, y: np.ndarray) -> list[float]:
+    """Relative-error least squares with non-negative slopes.
+
+    Rows are weighted by 1/y (so the fit minimises relative error). A slope
+    that comes out negative is dropped (fixed at 0) and the rest refitted,
+    until all are >= 0: latency never falls as work grows, and the model
+    cannot extrapolate below zero outside the captured range.
+    """
+    w = 1.0 / np.maximum(y, 1.0)
+    active = list(range(X.shape[1]))
+    coef = np.zeros(X.shape[1])
+    while True:
+        sol, *_ = np.linalg.lstsq(X[:, active] * w[:, None], y * w, rcond=None)
+        neg = [a for a, v in zip(active, sol) if a != 0 and v < 0]
+        if not neg:
+            coef[:] = 0.0
+            coef[active] = sol
+            return coef.tolist()
+        active = [a for a in active if a not in neg]
+
+
 class FeatureOracle(LatencyOracle):
     """Linear model over scheduler features x per-cell ratio samples (kept).
 
@@ -205,7 +230,8 @@ class FeatureOracle(LatencyOracle):
     tokens, requests) cell of actual/linear ratios (pooled as in the 2D
     oracle when the cell is empty). The linear fit per class is ordinary
     least squares on ``[1, *LINEAR_FEATURES]`` with relative weighting
-    (rows scaled by 1/latency, so small and large steps count alike).
+    (rows scaled by 1/latency, so small and large steps count alike) and
+    non-negative slopes (:func:`_nonneg_fit`).
 
     Args: as :class:`Grid2DOracle`.
     """
@@ -222,10 +248,8 @@ class FeatureOracle(LatencyOracle):
         X = np.array([[1.0] + [float(getattr(f, n)) for n in LINEAR_FEATURES] for f in feats]).reshape(-1, 1 + len(LINEAR_FEATURES))
         for c in (DECODE, PREFILL):
             m = cls == c
-            if m.sum() >= 2 * X.shape[1]:
-                w = 1.0 / np.maximum(lat[m], 1.0)
-                coef, *_ = np.linalg.lstsq(X[m] * w[:, None], lat[m] * w, rcond=None)
-                self._coef[c] = coef.tolist()
+            if m.sum() >= MIN_FIT_ROWS_PER_FEATURE * X.shape[1]:
+                self._coef[c] = _nonneg_fit(X[m], lat[m])
         if not self._coef:
             med = float(np.median(lat)) if len(lat) else 1000.0
             self._coef[DECODE] = [med] + [0.0] * len(LINEAR_FEATURES)

@@ -1,0 +1,193 @@
+"""ProfilingExecutor: vLLM's own executor, timed per step, for real-mode capture.
+
+``--distributed-executor-backend emu_executor.ProfilingExecutor`` (one
+process; a subclass of vLLM's UniProcExecutor) or
+``emu_executor.profiling.MultiprocProfilingExecutor`` (tensor parallel; a
+subclass of MultiprocExecutor). The forward pass is untouched; around it we
+record, per step:
+
+* the step features from ``SchedulerOutput`` (:mod:`emu_executor.features`);
+* the device service time. With async scheduling the host submits step i
+  while step i-1 may still run, so the service time is
+  ``t_done[i] - max(t_submit[i], t_done[i-1])`` (LLM-Emu sec. 3.2);
+  without it this reduces to ``t_done[i] - t_submit[i]``;
+
+and per request the natural output length (requests that ended with EOS),
+plus a fingerprint of the engine (model, device, block_size, KV blocks...).
+
+The trace goes to ``EMUGATE_TRACE`` (JSON lines, appended in chunks of
+``FLUSH_EVERY`` steps so a killed server loses at most one chunk);
+``python -m profiles build TRACE -o PROFILE`` turns it into a profile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future
+
+from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+from emu_executor.features import RequestTable, step_features
+from emu_executor.fingerprint import engine_fingerprint
+from profiles.format import STEP_COLUMNS
+
+logger = logging.getLogger("vllm.emugate.profiling")
+
+FLUSH_EVERY = 256
+_STEP_FIELDS = [c[0] for c in STEP_COLUMNS if c[0] != "latency_us"]
+
+
+class _StepRecorder:
+    """Mixin: wraps execute_model/sample_tokens of a vLLM executor with timing."""
+
+    def _recorder_init(self) -> None:
+        self._trace_path = os.environ.get("EMUGATE_TRACE")
+        if not self._trace_path:
+            raise RuntimeError("ProfilingExecutor needs EMUGATE_TRACE=<trace file to append to>")
+        self._requests = RequestTable()
+        self._inflight: deque = deque()
+        self._last_done = 0.0
+        self._rows: list[list[int]] = []
+        self._out_count: dict[str, int] = {}
+        self._last_tok: dict[str, int] = {}
+        self._out_lens: list[int] = []
+        eos = getattr(self.model_config.hf_config, "eos_token_id", None)
+        self._eos = eos[0] if isinstance(eos, list) and eos else eos
+        logger.info("emugate: profiling executor recording steps to %s", self._trace_path)
+
+    # -- trace file
+    def _write(self, obj: dict) -> None:
+        with open(self._trace_path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+    def _flush(self) -> None:
+        if self._rows:
+            cols = list(zip(*self._rows))
+            self._write({"type": "steps", "columns": _STEP_FIELDS + ["latency_us"],
+                         "rows": [list(c) for c in cols]})
+            self._rows = []
+        if self._out_lens:
+            self._write({"type": "output_lengths", "values": self._out_lens})
+            self._out_lens = []
+
+    def _write_fingerprint(self) -> None:
+        from vllm import __version__
+        from vllm.platforms import current_platform
+        fp = engine_fingerprint(self.vllm_config)
+        try:
+            dev, mem = current_platform.get_device_name(), int(current_platform.get_device_total_memory())
+        except Exception:
+            dev, mem = "unknown", 0
+        backend = None
+        try:
+            from vllm.v1.attention.selector import get_attn_backend  # noqa: F401
+            backend = str(getattr(self.vllm_config, "attention_config", None) and
+                          self.vllm_config.attention_config.backend)
+        except Exception:
+            pass
+        fp.update({
+            "vllm_version": __version__, "device_name": dev, "device_memory_bytes": mem,
+            "device_type": str(current_platform.device_type),
+            "num_kv_blocks": self.vllm_config.cache_config.num_gpu_blocks,
+            "attention_backend": backend or "auto",
+            "cudagraph_mode": str(getattr(self.vllm_config.compilation_config, "cudagraph_mode", None)),
+        })
+        self._write({"type": "fingerprint", "fingerprint": fp})
+
+    # -- hooks
+    def _on_execute(self, so) -> None:
+        for rid in so.finished_req_ids:
+            n = self._out_count.pop(rid, None)
+            if n is not None and self._last_tok.pop(rid, None) == self._eos:
+                self._out_lens.append(n)
+        reqs = self._requests.update(so)
+        if so.total_num_scheduled_tokens:
+            f = step_features(reqs)
+            self._inflight.append(([getattr(f, k) for k in _STEP_FIELDS], time.perf_counter()))
+
+    def _on_done(self, output) -> None:
+        t_done = time.perf_counter()
+        feats, t_submit = self._inflight.popleft()
+        service = t_done - max(t_submit, self._last_done)
+        self._last_done = t_done
+        self._rows.append(feats + [max(1, int(service * 1e6))])
+        if output is not None:
+            for rid, toks in zip(output.req_ids, output.sampled_token_ids):
+                if toks:
+                    self._out_count[rid] = self._out_count.get(rid, 0) + len(toks)
+                    self._last_tok[rid] = toks[-1]
+        if len(self._rows) >= FLUSH_EVERY:
+            self._flush()
+
+    def _timed(self, out, non_block: bool):
+        if not non_block:
+            self._on_done(out)
+            return out
+        timed: Future = Future()
+
+        def _resolve(_=None):
+            try:
+                res = out.result()
+            except Exception as e:
+                timed.set_exception(e)
+                return
+            self._on_done(res)
+            timed.set_result(res)
+
+        class _Lazy(Future):
+            # vLLM's async output futures compute on result(): keep it lazy.
+            def result(self_inner, timeout=None):
+                if not timed.done():
+                    _resolve()
+                return timed.result()
+
+            def done(self_inner):
+                return timed.done() or out.done()
+
+        return _Lazy()
+
+
+def _make(base):
+    class _Profiling(_StepRecorder, base):
+        def _init_executor(self) -> None:
+            super()._init_executor()
+            self._recorder_init()
+
+        def initialize_from_config(self, kv_cache_configs) -> None:
+            super().initialize_from_config(kv_cache_configs)
+            self._write_fingerprint()
+
+        def execute_model(self, scheduler_output, non_block: bool = False):
+            self._on_execute(scheduler_output)
+            out = super().execute_model(scheduler_output, non_block=non_block)
+            if scheduler_output.total_num_scheduled_tokens and self._inflight:
+                # A runner that returns its output from execute_model (no
+                # sample_tokens call follows) finishes the step here.
+                res = out.result() if non_block and out.done() else (None if non_block else out)
+                if res is not None:
+                    self._on_done(res)
+            return out
+
+        def sample_tokens(self, grammar_output, non_block: bool = False):
+            out = super().sample_tokens(grammar_output, non_block=non_block)
+            return self._timed(out, non_block)
+
+        def shutdown(self) -> None:
+            try:
+                self._flush()
+            finally:
+                super().shutdown()
+
+    return _Profiling
+
+
+class ProfilingExecutor(_make(UniProcExecutor)):
+    """UniProcExecutor that records a step trace (see module docstring)."""
+
+
+class MultiprocProfilingExecutor(_make(MultiprocExecutor)):
+    """MultiprocExecutor (tensor parallel) that records a step trace."""

@@ -1,0 +1,1 @@
+"""emugate gateway: one TOML file starts vLLM backends (real or emulated) behind one OpenAI endpoint."""

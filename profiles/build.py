@@ -1,0 +1,78 @@
+"""Step trace (ProfilingExecutor JSON lines) -> profile.
+
+A trace holds a ``fingerprint`` record, ``steps`` chunks (columns of step
+features and ``latency_us``) and ``output_lengths`` chunks. ``build_profile``
+concatenates them; ``warmup_steps`` drops the first steps of the run (JIT,
+allocator and cache warm-up inflate them: BASELINES.md shows a first run
+after start up to 3x slower).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from profiles.format import STEP_COLUMNS, Profile, ProfileError
+
+
+def read_trace(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+    """(fingerprint, step columns, output lengths) of a trace file.
+
+    Lines that do not parse (a server killed mid-write) are skipped.
+    Raises ProfileError if the trace has no fingerprint or no steps.
+    """
+    fp: dict[str, Any] | None = None
+    cols: dict[str, list] = {c[0]: [] for c in STEP_COLUMNS}
+    out_lens: list[int] = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        t = rec.get("type")
+        if t == "fingerprint":
+            fp = rec["fingerprint"]
+        elif t == "steps":
+            for name, values in zip(rec["columns"], rec["rows"]):
+                if name in cols:
+                    cols[name].extend(values)
+        elif t == "output_lengths":
+            out_lens.extend(rec["values"])
+    if fp is None:
+        raise ProfileError(f"{path}: trace has no fingerprint record (did the server finish starting?)")
+    if not cols["latency_us"]:
+        raise ProfileError(f"{path}: trace has no steps")
+    arrays = {name: np.asarray(cols[name], dtype=dtype) for name, dtype, _ in STEP_COLUMNS}
+    return fp, arrays, np.asarray(out_lens, dtype=np.uint32)
+
+
+def build_profile(traces: list[str | Path], warmup_steps: int = 50, meta: dict | None = None,
+                  output_lengths: np.ndarray | None = None, min_natural: int = 100) -> Profile:
+    """Merge one or more traces of the same engine into a profile.
+
+    ``output_lengths``: used when the traces recorded fewer than
+    ``min_natural`` natural (EOS) endings, e.g. a dummy-weights capture whose
+    EOS timing means nothing; ``meta['output_lengths_source']`` says which.
+    Raises ProfileError when traces' fingerprints disagree on model or device.
+    """
+    fps, parts, lens = [], [], []
+    for t in traces:
+        fp, arr, ol = read_trace(t)
+        fps.append(fp)
+        parts.append({k: v[warmup_steps:] for k, v in arr.items()})
+        lens.append(ol)
+    for fp in fps[1:]:
+        for k in ("model_dims", "device_name", "dtype", "tensor_parallel_size"):
+            if fp.get(k) != fps[0].get(k):
+                raise ProfileError(f"traces disagree on {k}: {fps[0].get(k)!r} vs {fp.get(k)!r}")
+    steps = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    natural = np.concatenate(lens) if lens else np.zeros(0, np.uint32)
+    meta = dict(meta or {})
+    if len(natural) >= min_natural or output_lengths is None:
+        out, meta["output_lengths_source"] = natural, "natural EOS endings during capture"
+    else:
+        out, meta["output_lengths_source"] = np.asarray(output_lengths), "dataset completions (tokenized)"
+    meta.update(traces=[str(t) for t in traces], warmup_steps=warmup_steps)
+    return Profile(fps[0], steps, out, meta)

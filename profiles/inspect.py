@@ -1,0 +1,76 @@
+"""``python -m profiles inspect``: summary, held-out accuracy, and a latency heatmap PNG."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from profiles.format import Profile
+from profiles.oracle import CLASS_NAMES, DECODE, PREFILL, _bucket, heldout_errors
+
+
+def inspect_profile(path: str, png: str | None = None, heldout: bool = True) -> str:
+    """Text report of a profile; with ``png`` also writes a heatmap of median step
+    latency (ms) over (scheduled tokens, running requests) per step class."""
+    prof = Profile.load(path)
+    s = prof.steps
+    lat_ms = s["latency_us"] / 1000.0
+    cls = np.where(s["prefill_tokens"] > 0, PREFILL, DECODE)
+    lines = [f"profile: {path}", "fingerprint:"]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(prof.fingerprint.items())]
+    lines.append(f"steps: {prof.num_steps}")
+    for c, name in CLASS_NAMES.items():
+        m = cls == c
+        if m.any():
+            lines.append(f"  {name}: {int(m.sum())} steps, latency ms p50 {np.median(lat_ms[m]):.2f} "
+                         f"p90 {np.percentile(lat_ms[m], 90):.2f} max {lat_ms[m].max():.2f}; "
+                         f"tokens {int(s['num_tokens'][m].min())}-{int(s['num_tokens'][m].max())}, "
+                         f"requests {int(s['num_reqs'][m].min())}-{int(s['num_reqs'][m].max())}")
+    ol = prof.output_lengths
+    if len(ol):
+        lines.append(f"output lengths: {len(ol)} (mean {ol.mean():.0f}, p50 {np.median(ol):.0f}, "
+                     f"p90 {np.percentile(ol, 90):.0f}) from {prof.meta.get('output_lengths_source', '?')}")
+    if heldout and prof.num_steps >= 50:
+        lines.append("held-out oracle error (20% of steps, |predicted - actual| / actual):")
+        for kind in ("grid2d", "feature"):
+            for name, e in heldout_errors(prof, kind).items():
+                lines.append(f"  {kind:8s} {name:19s} median {e['median']:5.1f}%  p90 {e['p90']:5.1f}%  (n={e['n']})")
+    if png:
+        _heatmap(prof, cls, png)
+        lines.append(f"heatmap: {png}")
+    return "\n".join(lines)
+
+
+def _heatmap(prof: Profile, cls: np.ndarray, png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = prof.steps
+    tb = np.array([_bucket(int(x)) for x in s["num_tokens"]])
+    rb = np.array([_bucket(int(x)) for x in s["num_reqs"]])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, c in zip(axes, (PREFILL, DECODE)):
+        m = cls == c
+        if not m.any():
+            ax.set_visible(False)
+            continue
+        t0, t1, r0, r1 = tb[m].min(), tb[m].max(), rb[m].min(), rb[m].max()
+        grid = np.full((r1 - r0 + 1, t1 - t0 + 1), np.nan)
+        for i in range(r0, r1 + 1):
+            for j in range(t0, t1 + 1):
+                sel = m & (rb == i) & (tb == j)
+                if sel.any():
+                    grid[i - r0, j - t0] = np.median(s["latency_us"][sel]) / 1000.0
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        fig.colorbar(im, ax=ax, label="median step latency (ms)")
+        lo = lambda b: int(2 ** (b // 2 - 1) * (1.5 if b % 2 else 1)) if b else 0  # noqa: E731
+        ax.set_xticks(range(0, t1 - t0 + 1, 2), [lo(b) for b in range(t0, t1 + 1, 2)], rotation=45)
+        ax.set_yticks(range(0, r1 - r0 + 1, 2), [lo(b) for b in range(r0, r1 + 1, 2)])
+        ax.set_xlabel("scheduled tokens (bucket lower edge)")
+        ax.set_ylabel("running requests")
+        ax.set_title(CLASS_NAMES[c])
+    fp = prof.fingerprint
+    fig.suptitle(f"{fp.get('device_name', '?')} / {fp.get('model', '?')}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
