@@ -16,7 +16,8 @@ and per request the natural output length (requests that ended with EOS),
 plus a fingerprint of the engine (model, device, block_size, KV blocks...).
 
 The trace goes to ``EMUGATE_TRACE`` (JSON lines, appended in chunks of
-``FLUSH_EVERY`` steps so a killed server loses at most one chunk);
+``FLUSH_EVERY`` steps or ``FLUSH_S`` seconds, so a killed server loses at most
+one chunk);
 ``python -m profiles build TRACE -o PROFILE`` turns it into a profile.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from profiles.format import STEP_COLUMNS
 logger = logging.getLogger("vllm.emugate.profiling")
 
 FLUSH_EVERY = 256
+FLUSH_S = 2.0  # also flush when the last flush is this old (seconds)
 _STEP_FIELDS = [c[0] for c in STEP_COLUMNS if c[0] != "latency_us"]
 
 
@@ -51,6 +53,7 @@ class _StepRecorder:
         self._requests = RequestTable()
         self._inflight: deque = deque()
         self._last_done = 0.0
+        self._last_flush = time.perf_counter()
         self._rows: list[list[int]] = []
         self._out_count: dict[str, int] = {}
         self._last_tok: dict[str, int] = {}
@@ -65,6 +68,7 @@ class _StepRecorder:
             f.write(json.dumps(obj) + "\n")
 
     def _flush(self) -> None:
+        self._last_flush = time.perf_counter()
         if self._rows:
             cols = list(zip(*self._rows))
             self._write({"type": "steps", "columns": _STEP_FIELDS + ["latency_us"],
@@ -120,7 +124,7 @@ class _StepRecorder:
                 if toks:
                     self._out_count[rid] = self._out_count.get(rid, 0) + len(toks)
                     self._last_tok[rid] = toks[-1]
-        if len(self._rows) >= FLUSH_EVERY:
+        if len(self._rows) >= FLUSH_EVERY or t_done - self._last_flush > FLUSH_S:
             self._flush()
 
     def _timed(self, out, non_block: bool):

@@ -5,7 +5,8 @@ Own metrics (``emugate_*``), labelled by backend:
 * ``emugate_requests_total{backend,code}``: requests answered (upstream status);
 * ``emugate_in_flight{backend}``: requests in flight;
 * ``emugate_errors_total{backend,kind}``: ``connect`` (replica unreachable,
-  retried elsewhere), ``stream`` (upstream dropped mid-response),
+  retried elsewhere), ``stream`` (upstream dropped mid-response), ``client_disconnect``
+  (client left mid-response; upstream closed so vLLM aborts), ``timeout``,
   ``no_replica``, ``unknown_model``, ``bad_request``, ``queue_full``, ``auth``;
 * ``emugate_added_latency_seconds{backend}``: time the gateway adds to a
   request: from receiving it to sending it upstream, plus from upstream's

@@ -139,7 +139,8 @@ class Forwarder:
                 tried.add(id(r))
                 r.outstanding += 1
                 try:
-                    done = await self._forward(r, scope["method"], path, body, hdrs, send, t_recv, backend)
+                    done = await self._forward(r, scope["method"], path, body, hdrs, send, receive, t_recv,
+                                               backend)
                 finally:
                     r.outstanding -= 1
                 if done:
@@ -148,7 +149,7 @@ class Forwarder:
             gw.in_flight -= 1
             gw.metrics.in_flight.labels(backend).dec()
 
-    async def _forward(self, r: Replica, method: str, path: str, body: bytes, hdrs: dict, send,
+    async def _forward(self, r: Replica, method: str, path: str, body: bytes, hdrs: dict, send, receive,
                        t_recv: float, backend: str) -> bool:
         """Forward to ``r``; False means "not reached, try another replica"."""
         gw = self.gw
@@ -168,6 +169,18 @@ class Forwarder:
         out_headers = [(k.encode(), v.encode()) for k, v in resp.headers.items() if k.lower() not in _RESP_SKIP]
         is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         started = False
+        client_gone = False
+
+        async def watch_disconnect() -> None:
+            # the body is consumed, so receive() now returns only on disconnect:
+            # close upstream so vLLM aborts the request instead of generating for nobody
+            nonlocal client_gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_gone = True
+            resp.close()
+
+        watcher = asyncio.create_task(watch_disconnect())
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             started = True
@@ -187,6 +200,9 @@ class Forwarder:
             gw.metrics.requests.labels(backend, str(resp.status)).inc()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError,
                 ConnectionResetError, asyncio.TimeoutError) as e:
+            if client_gone:
+                gw.metrics.errors.labels(backend, "client_disconnect").inc()
+                return True
             gw.metrics.errors.labels(backend, "stream").inc()
             log.warning("%s dropped a response mid-stream (%s)", r.name, e.__class__.__name__)
             msg = (f"The backend replica {r.name} failed while streaming this response "
@@ -199,6 +215,7 @@ class Forwarder:
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            watcher.cancel()
             resp.release()
         return True
 

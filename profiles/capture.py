@@ -20,6 +20,7 @@ ShareGPT completion lengths instead (``meta.output_lengths_source``).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
     b = backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
     port = free_port()
     argv, env = vllm_command(b, port)
-    proc = ServerProcess(f"capture/{b.name}", argv, env, log=None, log_file=log_file)
+    quiet = open(os.devnull, "w") if log_file else None  # server log goes to log_file only
+    proc = ServerProcess(f"capture/{b.name}", argv, env, log=quiet, log_file=log_file)
     print(f"[capture] starting real vLLM for {b.name} on port {port} (trace: {trace})")
     proc.start()
     try:

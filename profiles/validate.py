@@ -1,5 +1,168 @@
-"""Placeholder replaced below in this session."""
-def add_validate_args(p):
-    pass
-def main_validate(args):
-    raise NotImplementedError
+"""``python -m profiles validate``: real vs emulated, side by side, with the real system's own noise.
+
+For a real backend and an emulated backend of the same model and engine
+settings (both from one gateway config):
+
+1. capture a profile from the real backend (:mod:`profiles.capture`, seed
+   1000) unless the emulated backend's profile exists or ``--profile`` is given;
+2. start both servers, warm each up (requests of another seed, not measured);
+3. for every (request rate, burstiness) in the sweep, drive the same ShareGPT
+   plan (``loadtests`` sampler and schedule, ``--seed``, ``ignore_eos``)
+   with the Locust workload against real, real again (its run-to-run
+   noise), and emulated;
+4. write ``validate.csv``, ``validate.md`` and ``validate.png``: per rate,
+   the % error of emulated vs real for mean, p50 and p99 TTFT, TPOT, ITL,
+   E2EL and for output throughput, with real-vs-real noise beside each.
+
+The capture seed (1000) and the validation seed (default 7) differ, so no
+request is both in the profile and in the validation.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRIC_KEYS = [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")]
+METRIC_KEYS.append("output_throughput")
+BOUNDS = {"ttft": 10.4, "tpot": 4.8, "itl": 4.8, "e2el": 5.3, "output_throughput": 1.9}  # LLM-Emu, max |err| %
+
+
+def add_validate_args(p) -> None:
+    p.add_argument("--config", required=True, help="gateway TOML with both backends")
+    p.add_argument("--real", default=None, help="real backend name (default: the config's first real one)")
+    p.add_argument("--emulated", default=None, help="emulated backend name (default: the first emulated one)")
+    p.add_argument("--profile", default=None, help="use this profile instead of the emulated backend's")
+    p.add_argument("--rates", default="0.5,1,2,3", help="request rates (req/s), comma-separated")
+    p.add_argument("--burstiness", default="1,0.25", help="gamma shapes, comma-separated (1 = Poisson)")
+    p.add_argument("--num-prompts", type=int, default=60)
+    p.add_argument("--seed", type=int, default=7, help="validation seed (the capture uses 1000)")
+    p.add_argument("--warmup-prompts", type=int, default=16)
+    p.add_argument("--oracle", default=None, choices=["feature", "grid2d"], help="override the backend's oracle")
+    p.add_argument("--out", default="runs/validate", help="output folder")
+
+
+def _locust(url: str, model: str, tokenizer: str, out: Path, rate: float, burst: float, n: int, seed: int) -> dict:
+    cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve().parent.parent / "loadtests" / "sharegpt.py"),
+           "--headless", "-H", url, "--model", model, "--tokenizer", tokenizer, "--num-prompts", str(n),
+           "--request-rate", str(rate), "--burstiness", str(burst), "--seed", str(seed), "--ignore-eos",
+           "--result-json", str(out), "--only-summary", "--loglevel", "WARNING"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
+    if p.returncode != 0 or not out.exists():
+        raise RuntimeError(f"load run failed ({' '.join(cmd)}):\n{p.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def _err(a: float, b: float) -> float:
+    return (b - a) / a * 100.0 if a else float("nan")
+
+
+def compare_runs(real: dict, real2: dict, emu: dict) -> dict[str, tuple[float, float]]:
+    """{metric: (emulated-vs-real %, real-vs-real noise %)}."""
+    return {k: (_err(real[k], emu[k]), _err(real[k], real2[k])) for k in METRIC_KEYS}
+
+
+def write_reports(rows: list[dict], out: Path) -> None:
+    """CSV (one row per rate, burstiness, metric), markdown table and PNG."""
+    with open(out / "validate.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["request_rate", "burstiness", "metric", "real", "real_again", "emulated", "error_pct", "noise_pct"])
+        for r in rows:
+            for k in METRIC_KEYS:
+                e, n = r["cmp"][k]
+                w.writerow([r["rate"], r["burst"], k, r["real"][k], r["real2"][k], r["emu"][k], f"{e:.2f}", f"{n:.2f}"])
+    cols = ["mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
+            "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms",
+            "output_throughput"]
+    short = {c: c.replace("_ms", "").replace("median", "p50").replace("output_throughput", "out tok/s") for c in cols}
+    lines = ["Emulated vs real, % error (real-vs-real noise in brackets). "
+             "LLM-Emu's published max |error|: TTFT 10.4%, TPOT/ITL 4.8%, E2EL 5.3%, throughput 1.9%.", "",
+             "| rate (req/s) | burstiness | " + " | ".join(short[c] for c in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = [f"{r['cmp'][c][0]:+.1f} ({r['cmp'][c][1]:+.1f})" for c in cols]
+        lines.append(f"| {r['rate']} | {r['burst']} | " + " | ".join(cells) + " |")
+    (out / "validate.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    for ax, m in zip(axes, ("ttft", "tpot", "itl", "e2el", "output_throughput")):
+        key = f"mean_{m}_ms" if m != "output_throughput" else m
+        for burst in sorted({r["burst"] for r in rows}):
+            sel = [r for r in rows if r["burst"] == burst]
+            xs = [r["rate"] for r in sel]
+            ax.plot(xs, [r["real"][key] for r in sel], "o-", label=f"real b={burst}")
+            ax.plot(xs, [r["emu"][key] for r in sel], "x--", label=f"emulated b={burst}")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "validate.png", dpi=90)
+    plt.close(fig)
+
+
+def main_validate(args) -> int:
+    from gateway.config import load_config
+    from gateway.launch import ServerProcess, free_port, resolve_model, vllm_command, wait_healthy
+    from profiles.format import resolve_profile
+    cfg = load_config(args.config)
+    real_b = cfg.backend(args.real) if args.real else next(b for b in cfg.backends if b.mode == "real")
+    emu_b = cfg.backend(args.emulated) if args.emulated else next(b for b in cfg.backends if b.mode == "emulate")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    profile = args.profile or emu_b.profile
+    try:
+        profile = str(resolve_profile(profile))
+    except FileNotFoundError:
+        from profiles.capture import SweepPlan, capture
+        print(f"[validate] no profile {profile!r}: capturing one from {real_b.name} (seed 1000)")
+        profile = str(out / "captured.emuprof.zst")
+        capture(real_b, profile, SweepPlan(), log_file=out / "capture.log")
+    emu_b = emu_b.model_copy(update={"profile": profile, **({"oracle": args.oracle} if args.oracle else {})})
+    rates = [float(x) for x in args.rates.split(",")]
+    bursts = [float(x) for x in args.burstiness.split(",")]
+    tokenizer = resolve_model(real_b.model)
+    rows = []
+    servers = {}
+    devnull = open(os.devnull, "w")
+    try:
+        for b in (real_b, emu_b):
+            port = free_port()
+            argv, env = vllm_command(b, port)
+            proc = ServerProcess(b.name, argv, env, log=devnull, log_file=out / f"{b.name}.log")
+            proc.start()
+            servers[b.name] = (proc, f"http://127.0.0.1:{port}")
+        for b in (real_b, emu_b):
+            proc, url = servers[b.name]
+            wait_healthy(url, proc)
+            print(f"[validate] {b.name} ({b.mode}) healthy; warming up")
+            _locust(url, b.model_name, tokenizer, out / f"warmup-{b.name}.json", 4.0, 1.0, args.warmup_prompts,
+                    args.seed + 500)
+        total = len(rates) * len(bursts)
+        for i, (burst, rate) in enumerate((b_, r_) for b_ in bursts for r_ in rates):
+            tag = f"r{rate}-b{burst}"
+            res = {}
+            for name, (b, rep) in {"real": (real_b, 1), "real2": (real_b, 2), "emu": (emu_b, 1)}.items():
+                _, url = servers[b.name]
+                res[name] = _locust(url, b.model_name, tokenizer, out / f"{tag}-{name}.json", rate, burst,
+                                    args.num_prompts, args.seed)
+            rows.append({"rate": rate, "burst": burst, **res, "cmp": compare_runs(res["real"], res["real2"], res["emu"])})
+            c = rows[-1]["cmp"]
+            print(f"[validate] {i + 1}/{total} rate {rate} burstiness {burst}: "
+                  + ", ".join(f"{k.replace('_ms', '')} {c[k][0]:+.1f}% (noise {c[k][1]:+.1f}%)"
+                              for k in ("mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms",
+                                        "output_throughput")))
+            write_reports(rows, out)
+    finally:
+        for proc, _ in servers.values():
+            proc.stop(grace_s=30)
+    print((out / "validate.md").read_text())
+    print(f"[validate] wrote {out}/validate.csv, validate.md, validate.png in {(time.time() - t_start) / 60:.1f} min")
+    return 0

@@ -1,0 +1,48 @@
+"""Helpers shared by the benchmark scripts: start servers, print tables."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.launch import ServerProcess, free_port, wait_healthy  # noqa: E402
+from profiles.format import resolve_model_dir, resolve_profile  # noqa: E402
+
+MODEL = "mistral-h1024-l8"
+PROFILE = "cpu-epyc-2c_mistral-h1024-l8"
+
+
+@contextlib.contextmanager
+def emulated_server(extra_args=(), env=None, step_ms=None, profile=PROFILE, name="bench-emu"):
+    """An emulated vLLM server on a free port; yields its base URL."""
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(MODEL)),
+            "--served-model-name", MODEL, "--tokenizer-mode", "mistral", "--port", str(port),
+            "--host", "127.0.0.1", "--distributed-executor-backend", "emu_executor.EmulatedExecutor",
+            "--max-model-len", "4096", *extra_args]
+    e = {k: v for k, v in os.environ.items() if not k.startswith("EMUGATE_")}
+    e["HF_HUB_OFFLINE"] = "1"
+    if step_ms is not None:
+        e["EMUGATE_STEP_MS"] = str(step_ms)
+    elif profile:
+        e["EMUGATE_PROFILE"] = str(resolve_profile(profile))
+    e.update(env or {})
+    log = ROOT / "runs" / f"{name}.log"
+    log.parent.mkdir(exist_ok=True)
+    proc = ServerProcess(name, argv, e, log=open(os.devnull, "w"), log_file=log)
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout_s=300)
+        yield url, proc
+    finally:
+        proc.stop(grace_s=30)
+
+
+def pct(values, p):
+    import numpy as np
+    return float(np.percentile(values, p)) if len(values) else float("nan")

