@@ -16,8 +16,8 @@ and per request the natural output length (requests that ended with EOS),
 plus a fingerprint of the engine (model, device, block_size, KV blocks...).
 
 The trace goes to ``EMUGATE_TRACE`` (JSON lines, appended in chunks of
-``FLUSH_EVERY`` steps or ``FLUSH_S`` seconds, so a killed server loses at most
-one chunk);
+``FLUSH_EVERY`` steps and by a flusher thread every ``FLUSH_S`` seconds, so a
+killed server loses at most the last ``FLUSH_S`` seconds);
 ``python -m profiles build TRACE -o PROFILE`` turns it into a profile.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -39,7 +40,7 @@ from profiles.format import STEP_COLUMNS
 logger = logging.getLogger("vllm.emugate.profiling")
 
 FLUSH_EVERY = 256
-FLUSH_S = 2.0  # also flush when the last flush is this old (seconds)
+FLUSH_S = 2.0  # the flusher thread's period (seconds)
 _STEP_FIELDS = [c[0] for c in STEP_COLUMNS if c[0] != "latency_us"]
 
 
@@ -53,14 +54,21 @@ class _StepRecorder:
         self._requests = RequestTable()
         self._inflight: deque = deque()
         self._last_done = 0.0
-        self._last_flush = time.perf_counter()
+        self._lock = threading.Lock()  # guards the row buffers
+        self._io_lock = threading.Lock()  # one writer to the trace file at a time
         self._rows: list[list[int]] = []
         self._out_count: dict[str, int] = {}
         self._last_tok: dict[str, int] = {}
         self._out_lens: list[int] = []
         eos = getattr(self.model_config.hf_config, "eos_token_id", None)
         self._eos = eos[0] if isinstance(eos, list) and eos else eos
+        self._stop = threading.Event()
+        threading.Thread(target=self._flusher, daemon=True, name="emugate-trace-flush").start()
         logger.info("emugate: profiling executor recording steps to %s", self._trace_path)
+
+    def _flusher(self) -> None:
+        while not self._stop.wait(FLUSH_S):
+            self._flush()
 
     # -- trace file
     def _write(self, obj: dict) -> None:
@@ -68,15 +76,16 @@ class _StepRecorder:
             f.write(json.dumps(obj) + "\n")
 
     def _flush(self) -> None:
-        self._last_flush = time.perf_counter()
-        if self._rows:
-            cols = list(zip(*self._rows))
-            self._write({"type": "steps", "columns": _STEP_FIELDS + ["latency_us"],
-                         "rows": [list(c) for c in cols]})
-            self._rows = []
-        if self._out_lens:
-            self._write({"type": "output_lengths", "values": self._out_lens})
-            self._out_lens = []
+        with self._lock:
+            rows, self._rows = self._rows, []
+            lens, self._out_lens = self._out_lens, []
+        with self._io_lock:
+            if rows:
+                cols = list(zip(*rows))
+                self._write({"type": "steps", "columns": _STEP_FIELDS + ["latency_us"],
+                             "rows": [list(c) for c in cols]})
+            if lens:
+                self._write({"type": "output_lengths", "values": lens})
 
     def _write_fingerprint(self) -> None:
         from vllm import __version__
@@ -107,7 +116,8 @@ class _StepRecorder:
         for rid in so.finished_req_ids:
             n = self._out_count.pop(rid, None)
             if n is not None and self._last_tok.pop(rid, None) == self._eos:
-                self._out_lens.append(n)
+                with self._lock:
+                    self._out_lens.append(n)
         reqs = self._requests.update(so)
         if so.total_num_scheduled_tokens:
             f = step_features(reqs)
@@ -118,13 +128,14 @@ class _StepRecorder:
         feats, t_submit = self._inflight.popleft()
         service = t_done - max(t_submit, self._last_done)
         self._last_done = t_done
-        self._rows.append(feats + [max(1, int(service * 1e6))])
+        with self._lock:
+            self._rows.append(feats + [max(1, int(service * 1e6))])
         if output is not None:
             for rid, toks in zip(output.req_ids, output.sampled_token_ids):
                 if toks:
                     self._out_count[rid] = self._out_count.get(rid, 0) + len(toks)
                     self._last_tok[rid] = toks[-1]
-        if len(self._rows) >= FLUSH_EVERY or t_done - self._last_flush > FLUSH_S:
+        if len(self._rows) >= FLUSH_EVERY:
             self._flush()
 
     def _timed(self, out, non_block: bool):
@@ -182,6 +193,7 @@ def _make(base):
 
         def shutdown(self) -> None:
             try:
+                self._stop.set()
                 self._flush()
             finally:
                 super().shutdown()

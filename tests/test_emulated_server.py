@@ -1,7 +1,9 @@
 """Emulate mode end to end: a real vLLM OpenAI server process with the EmulatedExecutor.
 
-One server for the module: the bundled CPU profile, a deliberately small KV
-pool (64 blocks of 16 tokens = 1024 tokens) so that preemption can be forced.
+Each test runs against two servers in turn: the bundled CPU profile (sync
+scheduling) and a GPU-like fingerprint (async scheduling, vLLM's batch
+queue). Both have a deliberately small KV pool (64 blocks of 16 tokens = 1024
+tokens) so that preemption can be forced.
 """
 from __future__ import annotations
 
@@ -9,38 +11,58 @@ import concurrent.futures as cf
 import json
 
 import httpx
+import numpy as np
 import pytest
 
-from conftest import MODEL, post, sse_events, vllm_server
+from conftest import BUNDLED_PROFILE, MODEL, post, sse_events, vllm_server
+from profiles.format import Profile
 
-KV_BLOCKS = 64
+KV_BLOCKS = 65  # one is vLLM's reserved null block: 64 x 16 = 1024 usable tokens
 
 
-@pytest.fixture(scope="module")
-def server():
-    with vllm_server("emulated-small-kv", ["--max-model-len", "1024", "--num-gpu-blocks-override",
-                                           str(KV_BLOCKS), "--dtype", "bfloat16"]) as (url, proc, log):
-        yield url, log
+def gpu_like_profile(path) -> str:
+    """The bundled steps under an H100-like fingerprint (async scheduling, block 16,
+    8192/1024) and 5x faster: exercises vLLM's async batch-queue path, which the
+    CPU profile (async scheduling off, as the CPU platform forces) does not."""
+    prof = Profile.load(BUNDLED_PROFILE)
+    steps = dict(prof.steps)
+    steps["latency_us"] = np.maximum(steps["latency_us"] // 5, 1)
+    fp = {**prof.fingerprint, "async_scheduling": True, "block_size": 16, "max_num_batched_tokens": 8192,
+          "max_num_seqs": 1024, "num_kv_blocks": 65, "device_name": "NVIDIA H100 80GB HBM3 (synthetic)"}
+    return str(Profile(fp, steps, prof.output_lengths, {"test": "gpu-like"}).save(path))
+
+
+@pytest.fixture(scope="module", params=["cpu-profile", "gpu-like-profile"])
+def server(request, tmp_path_factory):
+    profile = BUNDLED_PROFILE if request.param == "cpu-profile" else \
+        gpu_like_profile(tmp_path_factory.mktemp("prof") / "gpu-like.emuprof.zst")
+    args = ["--max-model-len", "1024", "--num-gpu-blocks-override", str(KV_BLOCKS), "--dtype", "bfloat16"]
+    if request.param == "cpu-profile":
+        args += ["--block-size", "16"]  # small blocks so the 64-block pool is small (1024 tokens)
+    with vllm_server(f"emulated-{request.param}", args, profile=profile) as (url, proc, log):
+        yield url, log, Profile.load(profile).fingerprint
 
 
 def test_models_lists_served_model(server):
-    url, _ = server
+    url, *_ = server
     data = httpx.get(url + "/v1/models").json()["data"]
     assert [m["id"] for m in data] == [MODEL]
 
 
-def test_platform_and_executor_active(server):
-    _, log = server
+def test_platform_applies_the_profiles_fingerprint(server):
+    _, log, fp = server
     text = log.read_text()
     assert "emugate platform: scheduler configured as profiled" in text
-    assert "async_scheduling=True" in text  # CPU platform alone would force it off
+    assert f"async_scheduling={fp['async_scheduling']}" in text
+    if fp["async_scheduling"]:  # CPU platform alone would force it off and use 2048/128
+        assert "max_num_batched_tokens=8192" in text and "max_num_seqs=1024" in text
     assert "emulated executor ready" in text
     assert f"KV pool sized to" in text
 
 
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_completion_ignore_eos_exact_length(server, n):
-    url, _ = server
+    url, *_ = server
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": n,
                                       "ignore_eos": True})
     assert r.status_code == 200, r.text
@@ -51,7 +73,7 @@ def test_completion_ignore_eos_exact_length(server, n):
 
 
 def test_chat_natural_end_is_stop_with_eos(server):
-    url, _ = server
+    url, *_ = server
     reasons, lengths = [], []
     for i in range(6):
         r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}],
@@ -66,7 +88,7 @@ def test_chat_natural_end_is_stop_with_eos(server):
 
 
 def test_min_tokens_and_max_tokens_bound_natural_length(server):
-    url, _ = server
+    url, *_ = server
     for seed in range(4):
         r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 30, "min_tokens": 12,
                                           "seed": seed})
@@ -75,7 +97,7 @@ def test_min_tokens_and_max_tokens_bound_natural_length(server):
 
 
 def test_no_special_tokens_in_output(server):
-    url, _ = server
+    url, *_ = server
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 64, "ignore_eos": True,
                                       "return_token_ids": True, "skip_special_tokens": False})
     text = r.json()["choices"][0]["text"]
@@ -85,7 +107,7 @@ def test_no_special_tokens_in_output(server):
 
 
 def test_stop_string_and_n(server):
-    url, _ = server
+    url, *_ = server
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 20, "n": 3,
                                       "ignore_eos": True})
     choices = r.json()["choices"]
@@ -102,7 +124,7 @@ def test_stop_string_and_n(server):
 
 
 def test_logprobs_and_top_logprobs(server):
-    url, _ = server
+    url, *_ = server
     r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                            "max_tokens": 5, "ignore_eos": True, "logprobs": True,
                                            "top_logprobs": 3})
@@ -115,7 +137,7 @@ def test_logprobs_and_top_logprobs(server):
 
 
 def test_streaming_chat_one_event_per_token(server):
-    url, _ = server
+    url, *_ = server
     events = sse_events(url, "/v1/chat/completions", {
         "model": MODEL, "messages": [{"role": "user", "content": "stream"}], "max_tokens": 12,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
@@ -128,7 +150,7 @@ def test_streaming_chat_one_event_per_token(server):
 
 
 def test_streaming_completions(server):
-    url, _ = server
+    url, *_ = server
     events = sse_events(url, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 6,
                                                  "ignore_eos": True, "stream": True})
     texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
@@ -136,7 +158,7 @@ def test_streaming_completions(server):
 
 
 def test_structured_output_json_schema(server):
-    url, _ = server
+    url, *_ = server
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                                "tags": {"type": "array", "items": {"type": "string"}}},
               "required": ["name", "age", "tags"]}
@@ -152,7 +174,7 @@ def test_structured_output_json_schema(server):
 
 
 def test_bad_request_gets_openai_error_and_server_keeps_serving(server):
-    url, _ = server
+    url, *_ = server
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3})
     assert r.status_code == 400
     assert "error" in r.json() and r.json()["error"]["message"]
@@ -169,7 +191,7 @@ def _preemptions(url: str) -> float:
 def test_preemption_under_small_kv_pool(server):
     """6 x (300 prompt + 200 output) tokens exceed the 1024-token pool: vLLM must preempt,
     and every request still completes with exactly its tokens."""
-    url, _ = server
+    url, *_ = server
     before = _preemptions(url)
     prompt = " ".join(f"w{i}" for i in range(150))  # ~300 tokens
 

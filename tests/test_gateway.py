@@ -234,7 +234,12 @@ def test_real_backend_records_a_step_trace_that_builds_a_profile(gw):
         r = httpx.post(url + "/v1/completions", json={"model": REAL_MODEL, "prompt": "word " * n, "max_tokens": 12,
                                                       "ignore_eos": True}, timeout=120)
         assert r.status_code == 200
-    wait_for(lambda: trace.exists() and '"steps"' in trace.read_text(), 30, what="a flushed trace chunk")
+    def flushed():  # the flusher thread writes every 2 s
+        try:
+            return build_profile([trace], warmup_steps=0).num_steps >= 20
+        except Exception:
+            return False
+    wait_for(flushed, 30, what="the trace's step chunks")
     prof = build_profile([trace], warmup_steps=0)
     fp = prof.fingerprint
     assert fp["device_type"] == "cpu" and fp["model_dims"]["hidden_size"] == 1024

@@ -101,12 +101,12 @@ def test_feature_oracle_beats_grid_on_heldout_and_is_fast():
 def test_llm_emu_pack_converts(tmp_path):
     pack = {"version": 2, "gpu_model": "H100", "model_name": "m", "bucketing": "log",
             "prefill_2d_distribution": [{"tt": 512, "conc": 4, "num_samples": 3, "samples": [9000, 9100, 8900]}],
-            "decode_2d_distribution": [{"tt": 8, "conc": 8, "num_samples": 2, "samples": [7000, 7100]}],
+            "decode_2d_distribution": [{"tt": 8, "conc": 8, "num_samples": 3, "samples": [7000, 7050, 7100]}],
             "model_config": {"block_size": 16}}
     path = tmp_path / "pack.json"
     path.write_text(json.dumps(pack))
     prof = convert_llm_emu(path)
-    assert prof.num_steps == 5 and prof.fingerprint["device_name"] == "H100"
+    assert prof.num_steps == 6 and prof.fingerprint["device_name"] == "H100"
     o = Grid2DOracle(prof)
     assert o.predict_us(StepFeatures(8, 8, 0, 8, 0, 0, 0)) == pytest.approx(7050)
     back = to_llm_emu_json(prof)
