@@ -11,8 +11,12 @@ environment (inherited by every vLLM process):
 ``EMUGATE_ORACLE``         ``feature`` (default) or ``grid2d`` (LLM-Emu baseline)
 ``EMUGATE_SEED``           integer seed for latency draws and tokens (default 0)
 ``EMUGATE_STEP_MS``        fixed step latency in ms (no profile; for timing tests)
-``EMUGATE_TIMING_LOG``     file to which the executor appends each step's
-                           lateness (us) at shutdown (timing benchmark)
+``EMUGATE_BOOST``          ``rr`` (default), ``nice`` or ``off``: how the step
+                           thread is kept punctual on a busy host (see
+                           ``EmulatedExecutor._raise_priority``)
+``EMUGATE_TIMING_LOG``     file to which the executor appends, at shutdown, each
+                           step's timer and consumer lateness (us; see
+                           :class:`emu_executor.timing.VirtualDevice`)
 =========================  ====================================================
 
 ``python -m emu_executor.serve --profile NAME ...`` sets these for you.
@@ -30,6 +34,7 @@ class EmuSettings:
     seed: int
     step_ms: float | None
     timing_log: str | None
+    boost: str = "rr"
 
     @classmethod
     def from_env(cls) -> "EmuSettings":
@@ -40,6 +45,7 @@ class EmuSettings:
             seed=int(os.environ.get("EMUGATE_SEED", "0")),
             step_ms=float(step) if step else None,
             timing_log=os.environ.get("EMUGATE_TIMING_LOG") or None,
+            boost=os.environ.get("EMUGATE_BOOST", "rr"),
         )
 
     @property
