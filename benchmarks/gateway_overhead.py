@@ -1,6 +1,6 @@
 """Gateway overhead: the same open-loop load direct to vLLM and through the gateway.
 
-Backend: one emulated vLLM (fixed 5 ms step). Gateway: ``python -m gateway
+Backend: one emulated vLLM (fixed ``--step-ms`` step, default 5 ms). Gateway: ``python -m gateway
 --no-launch`` attached to it (its own process, uvloop + httptools). Client:
 this process (aiohttp), Poisson arrivals at ``--rate`` req/s, targets
 interleaved request by request (direct, gateway, direct, ...) so both see the
@@ -9,8 +9,8 @@ same machine state.
 1. Non-streaming chat, max_tokens=1: latency p50/p99 direct vs gateway;
    added latency = gateway - direct at each percentile. Also the gateway's own
    ``emugate_added_latency_seconds`` histogram (its internal time per request).
-2. Streaming chat, ``--stream-concurrency`` requests of 64 tokens:
-   mean TTFT and ITL direct vs gateway (vLLM's definitions).
+2. Streaming chat, ``--stream-requests`` of 64 tokens at ``--stream-rate``
+   (Poisson, targets alternating): mean TTFT and ITL direct vs gateway.
 
     python benchmarks/gateway_overhead.py [--rate 200] [--seconds 20]
 """
@@ -54,7 +54,10 @@ async def nonstream(session, url, n, rate, seed=0):
     return lat
 
 
-async def streams(session, url, conc, rounds):
+async def streams(session, url, n, rate, seed=1):
+    """Open-loop Poisson streaming requests, targets alternating (so neither set of
+    requests reaches vLLM ahead of the other in a burst and joins an earlier step)."""
+    rng = random.Random(seed)
     out = {"direct": {"ttft": [], "itl": []}, "gateway": {"ttft": [], "itl": []}}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "stream"}], "max_tokens": 64,
             "ignore_eos": True, "stream": True}
@@ -73,8 +76,13 @@ async def streams(session, url, conc, rounds):
                     out[target]["itl"].append(ts - last)
                 last = ts
 
-    for _ in range(rounds):
-        await asyncio.gather(*(one("direct" if i % 2 == 0 else "gateway") for i in range(conc)))
+    tasks = []
+    t = time.perf_counter()
+    for i in range(n):
+        t += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, t - time.perf_counter()))
+        tasks.append(asyncio.create_task(one("direct" if i % 2 == 0 else "gateway")))
+    await asyncio.gather(*tasks)
     return out
 
 
@@ -99,10 +107,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=200.0, help="total requests/s (half to each target)")
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--stream-concurrency", type=int, default=20)
-    ap.add_argument("--stream-rounds", type=int, default=5)
+    ap.add_argument("--step-ms", type=float, default=5.0, help="emulated backend's fixed step (ms)")
+    ap.add_argument("--stream-requests", type=int, default=400)
+    ap.add_argument("--stream-rate", type=float, default=20.0, help="streaming requests/s (Poisson)")
     a = ap.parse_args()
-    with emulated_server(step_ms=5.0, name="bench-gw-backend") as (direct, _):
+    with emulated_server(step_ms=a.step_ms, name="bench-gw-backend") as (direct, _):
         port = int(direct.rsplit(":", 1)[1])
         gport = free_port()
         cfg = Path(tempfile.mkdtemp()) / "gw.toml"
@@ -122,7 +131,7 @@ def main() -> None:
                     await nonstream(s, url, 200, 50.0, seed=99)  # warm-up both paths
                     lat = await nonstream(s, url, int(a.rate * a.seconds), a.rate)
                     total, g50, g99 = await scrape_added(gurl, s)
-                    st = await streams(s, url, a.stream_concurrency, a.stream_rounds)
+                    st = await streams(s, url, a.stream_requests, a.stream_rate)
                     return lat, (total, g50, g99), st
             lat, added, st = asyncio.run(run())
         finally:
@@ -136,7 +145,8 @@ def main() -> None:
           f"p50 <= {added[1]:.2f} ms, p99 <= {added[2]:.2f} ms")
     for m in ("ttft", "itl"):
         dv, gv = np.mean(st["direct"][m]) * 1000, np.mean(st["gateway"][m]) * 1000
-        print(f"streaming mean {m.upper()}: direct {dv:7.2f} ms, gateway {gv:7.2f} ms ({(gv - dv) / dv * 100:+.2f}%)")
+        print(f"streaming mean {m.upper()} ({len(st['direct'][m])}+{len(st['gateway'][m])} samples): "
+              f"direct {dv:7.2f} ms, gateway {gv:7.2f} ms ({(gv - dv) / dv * 100:+.2f}%)")
 
 
 if __name__ == "__main__":

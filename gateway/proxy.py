@@ -13,11 +13,12 @@ Routes:
 
 Transparency: status, headers (less hop-by-hop ones) and body bytes come
 back as vLLM sent them; a streamed response is forwarded one upstream HTTP
-chunk at a time (aiohttp's ``iter_chunks`` end-of-chunk flag), so SSE chunk
-boundaries and their timing are kept. The forwarding route is a plain ASGI
-callable (no Request/Response objects on the hot path) using one pooled
-aiohttp session with keep-alive (BASELINES.md: httpx costs ~0.8 ms CPU per
-POST on this machine; aiohttp measured less, see benchmarks/gateway_overhead.py).
+chunk at a time (:mod:`gateway.upstream` reports each chunk's end), so SSE
+chunk boundaries and their timing are kept; a response with Content-Length
+is answered in one piece with the same length. The forwarding route is a
+plain ASGI callable (no Request/Response objects on the hot path) using one
+pool of keep-alive connections (:class:`gateway.upstream.UpstreamPool`, a
+lean httptools client: see its docstring and benchmarks/gateway_overhead.py).
 
 Failures: a replica that refuses the connection (or drops it before any
 response) is retried on another ready replica: nothing has reached the client
@@ -43,12 +44,13 @@ from gateway.config import Config
 from gateway.metrics import GatewayMetrics, relabel_vllm_metrics, scrape_value
 from gateway.routing import affinity_key, pick
 from gateway.supervisor import Replica, Supervisor
+from gateway.upstream import ConnectError, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("emugate.proxy")
 
 _HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
         b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization"}
-_RESP_SKIP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+_RESP_SKIP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
 MODEL_PATHS = ("/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify", "/invocations")
 
 
@@ -119,15 +121,18 @@ class Forwarder:
             return await _send_json(send, 429, error_body(
                 f"The gateway has {gw.in_flight} requests in flight (queue_limit {gw.queue_limit}); retry later",
                 "RateLimitError", 429), [(b"retry-after", b"1")])
-        hdrs = {k.decode(): v.decode(errors="replace") for k, v in headers if k not in _HOP}
-        key = affinity_key(gw.routing, data if isinstance(data, dict) else None, hdrs) \
-            if gw.routing in ("prefix_affinity", "session_affinity") else None
+        hdrs = [(k, v) for k, v in headers if k not in _HOP]
+        key = None
+        if gw.routing in ("prefix_affinity", "session_affinity"):
+            hmap = {k.decode(): v.decode(errors="replace") for k, v in hdrs}
+            key = affinity_key(gw.routing, data if isinstance(data, dict) else None, hmap)
         path = scope["raw_path"].decode() if scope.get("raw_path") else scope["path"]
         if scope.get("query_string") and "?" not in path:
             path += "?" + scope["query_string"].decode()
         tried: set[int] = set()
+        series = gw.children(backend)
         gw.in_flight += 1
-        gw.metrics.in_flight.labels(backend).inc()
+        series.in_flight.inc()
         try:
             while True:
                 r = pick(replicas, gw.routing, key, tried)
@@ -147,27 +152,51 @@ class Forwarder:
                     return
         finally:
             gw.in_flight -= 1
-            gw.metrics.in_flight.labels(backend).dec()
+            series.in_flight.dec()
 
-    async def _forward(self, r: Replica, method: str, path: str, body: bytes, hdrs: dict, send, receive,
+    async def _forward_whole(self, r: Replica, resp: UpstreamResponse, out_headers: list, length: bytes, send,
+                             t_sent: float, t_recv: float, t_head: float, backend: str) -> bool:
+        """A response with Content-Length (not streamed): read it, answer in one send."""
+        gw = self.gw
+        try:
+            data = await resp.read()
+        except (UpstreamError, asyncio.TimeoutError) as e:
+            gw.metrics.errors.labels(backend, "stream").inc()
+            resp.close()
+            await _send_json(send, 502, error_body(f"The backend replica {r.name} failed while sending this "
+                                                   f"response ({e})", "BadGatewayError", 502))
+            return True
+        resp.release()
+        out_headers.append((b"content-length", length))
+        t0 = time.perf_counter()
+        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": data})
+        gw.children(backend).observe((t_sent - t_recv) + (t0 - t_head), resp.status)
+        return True
+
+    async def _forward(self, r: Replica, method: str, path: str, body: bytes, hdrs: list, send, receive,
                        t_recv: float, backend: str) -> bool:
         """Forward to ``r``; False means "not reached, try another replica"."""
         gw = self.gw
         t_sent = time.perf_counter()
         try:
-            resp = await gw.session.request(method, r.url + path, data=body or None, headers=hdrs)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionResetError) as e:
+            resp = await gw.upstream.request(r.host, r.port, method, path, hdrs, body)
+        except ConnectError as e:
             gw.metrics.errors.labels(backend, "connect").inc()
-            log.warning("%s unreachable (%s); trying another replica", r.name, e.__class__.__name__)
+            log.warning("%s unreachable (%s); trying another replica", r.name, e)
             return False
-        except asyncio.TimeoutError:
-            gw.metrics.errors.labels(backend, "timeout").inc()
-            await _send_json(send, 504, error_body(f"Replica {r.name} did not answer in time",
-                                                   "GatewayTimeoutError", 504))
+        except (UpstreamError, asyncio.TimeoutError) as e:
+            gw.metrics.errors.labels(backend, "timeout" if isinstance(e, asyncio.TimeoutError) else "stream").inc()
+            await _send_json(send, 504 if isinstance(e, asyncio.TimeoutError) else 502, error_body(
+                f"Replica {r.name} failed before answering ({e})", "BadGatewayError", 502))
             return True
         t_head = time.perf_counter()
-        out_headers = [(k.encode(), v.encode()) for k, v in resp.headers.items() if k.lower() not in _RESP_SKIP]
-        is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        out_headers = [(k, v) for k, v in resp.headers if k.lower() not in _RESP_SKIP]
+        ctype = resp.header(b"content-type") or b""
+        is_sse = ctype.startswith(b"text/event-stream")
+        length = resp.header(b"content-length")
+        if length is not None and not resp.chunked and not is_sse:
+            return await self._forward_whole(r, resp, out_headers, length, send, t_sent, t_recv, t_head, backend)
         started = False
         client_gone = False
 
@@ -182,31 +211,22 @@ class Forwarder:
 
         watcher = asyncio.create_task(watch_disconnect())
         try:
+            t0 = time.perf_counter()
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             started = True
-            gw.metrics.added_latency.labels(backend).observe((t_sent - t_recv) + (time.perf_counter() - t_head))
-            buf = b""
-            async for data, end in resp.content.iter_chunks():
-                if not end:
-                    buf += data
-                    continue
-                if buf:
-                    data, buf = buf + data, b""
+            async for data in resp.chunks():
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
-            if buf:
-                await send({"type": "http.response.body", "body": buf, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
-            gw.metrics.requests.labels(backend, str(resp.status)).inc()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError,
-                ConnectionResetError, asyncio.TimeoutError) as e:
+            gw.children(backend).observe((t_sent - t_recv) + (t0 - t_head), resp.status)
+        except (UpstreamError, asyncio.TimeoutError, ConnectionResetError) as e:
             if client_gone:
                 gw.metrics.errors.labels(backend, "client_disconnect").inc()
                 return True
             gw.metrics.errors.labels(backend, "stream").inc()
-            log.warning("%s dropped a response mid-stream (%s)", r.name, e.__class__.__name__)
+            log.warning("%s dropped a response mid-stream (%s)", r.name, e)
             msg = (f"The backend replica {r.name} failed while streaming this response "
-                   f"({e.__class__.__name__}); the response is incomplete")
+                   f"({e.__class__.__name__}: {e}); the response is incomplete")
             if not started:
                 await _send_json(send, 502, error_body(msg, "BadGatewayError", 502))
             elif is_sse:
@@ -220,6 +240,23 @@ class Forwarder:
         return True
 
 
+class BackendSeries:
+    """A backend's metric children: added latency, in-flight gauge, per-status counters."""
+
+    def __init__(self, metrics: GatewayMetrics, backend: str) -> None:
+        self._metrics, self._backend = metrics, backend
+        self.added = metrics.added_latency.labels(backend)
+        self.in_flight = metrics.in_flight.labels(backend)
+        self._codes: dict[int, Any] = {}
+
+    def observe(self, added_s: float, status: int) -> None:
+        self.added.observe(added_s)
+        c = self._codes.get(status)
+        if c is None:
+            c = self._codes[status] = self._metrics.requests.labels(self._backend, str(status))
+        c.inc()
+
+
 class Gateway:
     """Holds the supervisor, the upstream session and the counters the routes share."""
 
@@ -231,15 +268,22 @@ class Gateway:
         self.routing = config.gateway.routing
         self.queue_limit = config.gateway.queue_limit
         self.in_flight = 0
+        self._children: dict[str, BackendSeries] = {}
         self.session: aiohttp.ClientSession | None = None
+        self.upstream: UpstreamPool | None = None
         self._poller: asyncio.Task | None = None
+
+    def children(self, backend: str) -> "BackendSeries":
+        """Per-backend metric children, resolved once (``labels()`` costs ~10 us a call)."""
+        c = self._children.get(backend)
+        if c is None:
+            c = self._children[backend] = BackendSeries(self.metrics, backend)
+        return c
 
     async def startup(self) -> None:
         g = self.config.gateway
-        conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=conn, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=g.connect_timeout_s))
+        self.upstream = UpstreamPool(connect_timeout=g.connect_timeout_s, timeout=g.request_timeout_s)
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))  # scrapes only
         await self.supervisor.start(wait=True)
         if self.routing == "kv_aware":
             self._poller = asyncio.create_task(self._poll_load())
@@ -248,6 +292,7 @@ class Gateway:
         if self._poller:
             self._poller.cancel()
         await self.supervisor.stop()
+        self.upstream.close()
         if self.session:
             await self.session.close()
 
