@@ -54,8 +54,17 @@ class SSEParser:
         return messages
 
 
+#: Reuse an idle connection only if idle less than this (s): uvicorn (vLLM's and
+#: the gateway's server) closes idle keep-alive connections after 5 s.
+IDLE_S = 4.0
+
+
 class ConnectionPool:
-    """Keep-alive HTTP/1.1 connections to one host (as aiohttp's session pools them)."""
+    """Keep-alive HTTP/1.1 connections to one host (as aiohttp's session pools them).
+
+    ``get`` returns (connection, reused); a reused connection that fails before
+    any response byte is retried once on a fresh one by :func:`stream_request`.
+    """
 
     def __init__(self, base_url: str, timeout: float = 600.0):
         u = urlsplit(base_url)
@@ -63,16 +72,24 @@ class ConnectionPool:
         self.https = u.scheme == "https"
         self.prefix = u.path.rstrip("/")
         self.timeout = timeout
-        self._idle: deque[http.client.HTTPConnection] = deque()
+        self._idle: deque[tuple[http.client.HTTPConnection, float]] = deque()
 
-    def get(self) -> http.client.HTTPConnection:
-        if self._idle:
-            return self._idle.pop()
+    def get(self) -> tuple[http.client.HTTPConnection, bool]:
+        now = time.monotonic()
+        while self._idle:
+            conn, since = self._idle.pop()
+            if now - since < IDLE_S:
+                return conn, True
+            conn.close()
+        return self.fresh(), False
+
+    def fresh(self) -> http.client.HTTPConnection:
+        """A new (not yet connected) connection."""
         cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         return cls(self.host, self.port, timeout=self.timeout)
 
     def put(self, conn: http.client.HTTPConnection) -> None:
-        self._idle.append(conn)
+        self._idle.append((conn, time.monotonic()))
 
 
 def build_payload(endpoint: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool,
@@ -99,7 +116,7 @@ def stream_request(pool: ConnectionPool, path: str, payload: dict, prompt_len: i
     out.prompt_len = prompt_len
     body = json.dumps(payload).encode()
     hdrs = {"Content-Type": "application/json", **(headers or {})}
-    conn = pool.get()
+    conn, reused = pool.get()
     st = time.perf_counter()
     out.start_time = st
     recent = st
@@ -107,8 +124,16 @@ def stream_request(pool: ConnectionPool, path: str, payload: dict, prompt_len: i
     text_parts: list[str] = []
     reusable = False
     try:
-        conn.request("POST", pool.prefix + path, body=body, headers=hdrs)
-        resp = conn.getresponse()
+        try:
+            conn.request("POST", pool.prefix + path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+        except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+            if not reused:
+                raise
+            conn.close()  # the server closed this idle connection: once more on a fresh one
+            conn = pool.fresh()
+            conn.request("POST", pool.prefix + path, body=body, headers=hdrs)
+            resp = conn.getresponse()
         if resp.status != 200:
             out.error = f"HTTP {resp.status}: {resp.read()[:500].decode(errors='replace')}"
             reusable = True
