@@ -86,6 +86,15 @@ def profile_features(profile: Profile, idx: np.ndarray | None = None) -> list[St
     return [StepFeatures(*map(int, row)) for row in zip(*cols)]
 
 
+def _training_rows(profile: Profile, idx: np.ndarray | None):
+    """(features, latencies in us, grid keys) of the rows an oracle is built from."""
+    feats = profile_features(profile, idx)
+    lat = profile.steps["latency_us"].astype(float)
+    if idx is not None:
+        lat = lat[idx]
+    return feats, lat, [(f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)) for f in feats]
+
+
 class LatencyOracle:
     """Interface: ``sample_us(features)`` -> one latency draw (us);
     ``predict_us(features)`` -> the point estimate (median-like, us)."""
@@ -177,11 +186,7 @@ class Grid2DOracle(LatencyOracle):
     name = "grid2d"
 
     def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None):
-        feats = profile_features(profile, idx)
-        lat = profile.steps["latency_us"].astype(float)
-        if idx is not None:
-            lat = lat[idx]
-        keys = [(f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)) for f in feats]
+        feats, lat, keys = _training_rows(profile, idx)
         self._cells = _Cells(keys, lat)
         self._rng = random.Random(seed)
         self._fallback = float(np.median(lat)) if len(lat) else 1000.0
@@ -239,13 +244,11 @@ class FeatureOracle(LatencyOracle):
     name = "feature"
 
     def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None):
-        feats = profile_features(profile, idx)
-        lat = profile.steps["latency_us"].astype(float)
-        if idx is not None:
-            lat = lat[idx]
+        feats, lat, keys = _training_rows(profile, idx)
         self._coef: dict[int, list[float]] = {}
         cls = np.array([f.step_class for f in feats], dtype=int)
-        X = np.array([[1.0] + [float(getattr(f, n)) for n in LINEAR_FEATURES] for f in feats]).reshape(-1, 1 + len(LINEAR_FEATURES))
+        X = np.array([[1.0] + [float(getattr(f, n)) for n in LINEAR_FEATURES] for f in feats])
+        X = X.reshape(-1, 1 + len(LINEAR_FEATURES))
         for c in (DECODE, PREFILL):
             m = cls == c
             if m.sum() >= MIN_FIT_ROWS_PER_FEATURE * X.shape[1]:
@@ -257,7 +260,6 @@ class FeatureOracle(LatencyOracle):
         self._floor = floor
         lin = np.array([self._linear(f) for f in feats])
         ratios = lat / lin if len(lat) else lat
-        keys = [(f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)) for f in feats]
         self._cells = _Cells(keys, ratios)
         self._rng = random.Random(seed)
 
