@@ -207,7 +207,7 @@ class Grid2DOracle(LatencyOracle):
 MIN_FIT_ROWS_PER_FEATURE = 10
 
 
-def _nonneg_fit(X: np.ndarray, y: np.ndarray) -> list[float]:
+def _nonneg_fit(X: np.ndarray, y: np.ndarray, active: list[int] | None = None) -> list[float]:
     """Relative-error least squares with non-negative slopes.
 
     Rows are weighted by 1/y (so the fit minimises relative error). A slope
@@ -216,7 +216,7 @@ def _nonneg_fit(X: np.ndarray, y: np.ndarray) -> list[float]:
     cannot extrapolate below zero outside the captured range.
     """
     w = 1.0 / np.maximum(y, 1.0)
-    active = list(range(X.shape[1]))
+    active = list(range(X.shape[1])) if active is None else list(active)
     coef = np.zeros(X.shape[1])
     while True:
         sol, *_ = np.linalg.lstsq(X[:, active] * w[:, None], y * w, rcond=None)
@@ -243,7 +243,12 @@ class FeatureOracle(LatencyOracle):
 
     name = "feature"
 
-    def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None):
+    def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None,
+                 features: tuple[str, ...] = LINEAR_FEATURES):
+        unknown = set(features) - set(LINEAR_FEATURES)
+        if unknown:
+            raise ValueError(f"unknown oracle features {sorted(unknown)}; choose from {LINEAR_FEATURES}")
+        active = [0] + [1 + LINEAR_FEATURES.index(n) for n in features]
         feats, lat, keys = _training_rows(profile, idx)
         self._coef: dict[int, list[float]] = {}
         cls = np.array([f.step_class for f in feats], dtype=int)
@@ -252,7 +257,7 @@ class FeatureOracle(LatencyOracle):
         for c in (DECODE, PREFILL):
             m = cls == c
             if m.sum() >= MIN_FIT_ROWS_PER_FEATURE * X.shape[1]:
-                self._coef[c] = _nonneg_fit(X[m], lat[m])
+                self._coef[c] = _nonneg_fit(X[m], lat[m], active)
         if not self._coef:
             med = float(np.median(lat)) if len(lat) else 1000.0
             self._coef[DECODE] = [med] + [0.0] * len(LINEAR_FEATURES)
@@ -312,19 +317,22 @@ def build_oracle(profile: Profile, kind: str = "feature", seed: int = 0) -> Late
         raise ValueError(f"unknown oracle {kind!r}; choose one of {sorted(ORACLES)}") from None
 
 
-def heldout_errors(profile: Profile, kind: str, test_frac: float = 0.2, seed: int = 0) -> dict[str, dict[str, float]]:
+def heldout_errors(profile: Profile, kind: str, test_frac: float = 0.2, seed: int = 0,
+                   features: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
     """Absolute % error of ``predict_us`` on held-out steps, per step class.
 
     Splits the steps at random (``seed``) into build (1-test_frac) and test
     sets, builds the oracle from the build set only, and returns
-    {class name: {"median": %, "p90": %, "n": count}}.
+    {class name: {"median": %, "p90": %, "n": count}}. ``features``: the
+    linear features of the ``feature`` oracle (ablations).
     """
     n = profile.num_steps
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     n_test = max(1, int(n * test_frac))
     test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    oracle = ORACLES[kind](profile, seed=seed, idx=train)
+    kw = {"features": features} if features is not None else {}
+    oracle = ORACLES[kind](profile, seed=seed, idx=train, **kw)
     feats = profile_features(profile, test)
     actual = profile.steps["latency_us"][test].astype(float)
     pred = np.array([oracle.predict_us(f) for f in feats])
