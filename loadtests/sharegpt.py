@@ -18,6 +18,9 @@ E2EL, in ms. At the end the run writes ``--result-json`` (the keys of
 vLLM's ``--save-result``, plus goodput and send-lag figures) and
 ``--result-png``, and stops Locust.
 
+``python loadtests/sharegpt.py --help`` lists the workload's options
+(``locust --help`` prints before it loads a locustfile, so it cannot).
+
 Distributed: start each worker with ``--plan-workers N`` (N workers in all);
 worker i sends every N-th request of the plan and writes its own
 ``<result-json>.worker<i>``.
@@ -175,3 +178,12 @@ class ShareGPTDriver(User):
         print(f"[sharegpt] send lag p99 {extra['send_lag_ms_p99']:.2f} ms; wrote {out} and {png}", file=sys.stderr)
         runner.quit()
         raise gevent.GreenletExit()
+
+
+if __name__ == "__main__":
+    # `locust --help` prints before loading a locustfile, so list this workload's options here.
+    import argparse
+    _p = argparse.ArgumentParser(prog="locust -f loadtests/sharegpt.py",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _options(_p)
+    _p.print_help()

@@ -47,6 +47,7 @@ def add_validate_args(p) -> None:
 
 
 def _locust(url: str, model: str, tokenizer: str, out: Path, rate: float, burst: float, n: int, seed: int) -> dict:
+    out = out.resolve()
     cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve().parent.parent / "loadtests" / "sharegpt.py"),
            "--headless", "-H", url, "--model", model, "--tokenizer", tokenizer, "--num-prompts", str(n),
            "--request-rate", str(rate), "--burstiness", str(burst), "--seed", str(seed), "--ignore-eos",
@@ -114,7 +115,7 @@ def main_validate(args) -> int:
     cfg = load_config(args.config)
     real_b = cfg.backend(args.real) if args.real else next(b for b in cfg.backends if b.mode == "real")
     emu_b = cfg.backend(args.emulated) if args.emulated else next(b for b in cfg.backends if b.mode == "emulate")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     profile = args.profile or emu_b.profile
