@@ -244,6 +244,7 @@ def test_real_backend_records_a_step_trace_that_builds_a_profile(gw):
     fp = prof.fingerprint
     assert fp["device_type"] == "cpu" and fp["model_dims"]["hidden_size"] == 1024
     assert fp["num_kv_blocks"] == 32 and fp["async_scheduling"] is False and fp["vllm_version"] == "0.32.0"
+    assert fp["executor"] == "MultiprocExecutor"  # what vLLM's CPU platform serves with
     s = prof.steps
     assert prof.num_steps >= 20 and (s["latency_us"] > 0).all()
     big_prefill = s["prefill_tokens"] >= 300
