@@ -8,9 +8,10 @@ prefix cache, chunked prefill, preemption, detokenizer, /metrics.
 Per step (``execute_model`` then ``sample_tokens``, as EngineCore calls them):
 
 1. read the step's requests from ``SchedulerOutput`` (:mod:`features`);
-2. draw the step latency from the oracle (:mod:`profiles.oracle`) and put the
-   step on the :class:`~emu_executor.timing.VirtualDevice` timeline:
-   it ends at ``max(now, previous end) + latency``;
+2. draw the step latency (and the recorded host gap between steps) from the
+   oracle (:mod:`profiles.oracle`) and put the step on the
+   :class:`~emu_executor.timing.VirtualDevice` timeline: it ends at
+   ``max(now, previous end + host gap) + latency``;
 3. ``execute_model`` returns ``None`` (as vLLM's GPU runner does; the output
    comes from ``sample_tokens``); ``sample_tokens`` picks one synthetic token
    for every request whose token is due (none for a partial chunked prefill),
@@ -326,8 +327,10 @@ class EmulatedExecutor(Executor):
         if so.total_num_scheduled_tokens == 0:
             out = EMPTY_MODEL_RUNNER_OUTPUT
         else:
-            latency_us = self.oracle.sample_us(step_features(reqs))
-            self.pending.append(_Step(reqs, self.device.submit(latency_us * 1e-6), so))
+            f = step_features(reqs)
+            latency_us = self.oracle.sample_us(f)
+            gap_us = self.oracle.sample_gap_us(f)
+            self.pending.append(_Step(reqs, self.device.submit(latency_us * 1e-6, gap_us * 1e-6), so))
             self.num_steps += 1
             out = None
         if non_block:

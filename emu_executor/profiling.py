@@ -8,6 +8,10 @@ and ``...MultiprocProfilingExecutor`` name one explicitly. The forward pass is u
 record, per step:
 
 * the step features from ``SchedulerOutput`` (:mod:`emu_executor.features`);
+* the host gap ``t_submit[i] - t_done[i-1]``: the engine's own work between
+  steps (scheduling, output processing), which on a small CPU host competes
+  with the forward pass and is part of every inter-token latency; 0 when the
+  steps overlapped (async scheduling) or the engine was idle;
 * the device service time. With async scheduling the host submits step i
   while step i-1 may still run, so the service time is
   ``t_done[i] - max(t_submit[i], t_done[i-1])`` (LLM-Emu sec. 3.2);
@@ -43,7 +47,9 @@ logger = logging.getLogger("vllm.emugate.profiling")
 
 FLUSH_EVERY = 256
 FLUSH_S = 2.0  # the flusher thread's period (seconds)
-_STEP_FIELDS = [c[0] for c in STEP_COLUMNS if c[0] != "latency_us"]
+_STEP_FIELDS = [c[0] for c in STEP_COLUMNS if c[0] not in ("latency_us", "host_gap_us")]
+#: A gap longer than this (s) between steps is idleness (no work), not host overhead.
+MAX_HOST_GAP_S = 0.25
 
 
 class _StepRecorder:
@@ -84,7 +90,7 @@ class _StepRecorder:
         with self._io_lock:
             if rows:
                 cols = list(zip(*rows))
-                self._write({"type": "steps", "columns": _STEP_FIELDS + ["latency_us"],
+                self._write({"type": "steps", "columns": _STEP_FIELDS + ["latency_us", "host_gap_us"],
                              "rows": [list(c) for c in cols]})
             if lens:
                 self._write({"type": "output_lengths", "values": lens})
@@ -131,9 +137,11 @@ class _StepRecorder:
         t_done = time.perf_counter()
         feats, t_submit = self._inflight.popleft()
         service = t_done - max(t_submit, self._last_done)
+        gap = t_submit - self._last_done  # host work between steps (negative when overlapped)
+        gap_us = int(gap * 1e6) if 0 < gap < MAX_HOST_GAP_S else 0
         self._last_done = t_done
         with self._lock:
-            self._rows.append(feats + [max(1, int(service * 1e6))])
+            self._rows.append(feats + [max(1, int(service * 1e6)), gap_us])
         if output is not None:
             for rid, toks in zip(output.req_ids, output.sampled_token_ids):
                 if toks:

@@ -1,7 +1,8 @@
 """The virtual device: steps run back to back on one emulated accelerator.
 
-Step i ends at ``max(now, end of step i-1) + latency_i`` (LLM-Emu's
-timer-resolved Future, sec. 3.3). Futures resolve *at* that end: a
+Step i ends at ``max(now, end of step i-1 + host gap_i) + latency_i``
+(LLM-Emu's timer-resolved Future, sec. 3.3, plus the host gap recorded in
+sync-scheduling profiles; 0 for overlapped, async-scheduled GPU steps). Futures resolve *at* that end: a
 :class:`TimedFuture` sleeps until ``end - SPIN_S`` and then yields-spins
 (``time.sleep(0)``, which releases the GIL so vLLM's I/O threads keep
 running) to the exact deadline. This gives sub-millisecond resolution
@@ -57,8 +58,11 @@ class VirtualDevice:
         self.timer_late_s: list[float] = []
         self.consumer_late_s: list[float] = []
 
-    def submit(self, latency_s: float) -> float:
-        start = max(time.perf_counter(), self.last_end)
+    def submit(self, latency_s: float, host_gap_s: float = 0.0) -> float:
+        """Schedule a step of ``latency_s``; it starts no earlier than ``host_gap_s``
+        after the previous step's end (the host work that separated steps on the
+        profiled system; when the emulated host was slower, ``now`` wins)."""
+        start = max(time.perf_counter(), self.last_end + host_gap_s)
         self.last_end = start + latency_s
         return self.last_end
 

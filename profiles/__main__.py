@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload-requests", type=int, default=200, help="ShareGPT requests after the grid (0: none)")
     p.add_argument("--workload-rate", type=float, default=1.0, help="their Poisson rate, requests/s")
     p.add_argument("--seed", type=int, default=1000, help="capture seed (validation must use others)")
-    p.add_argument("--warmup-steps", type=int, default=50, help="leading steps dropped as warm-up")
+    p.add_argument("--warmup-steps", type=int, default=200,
+                   help="leading steps dropped (the sweep's warm-up phase makes ~200)")
     p.add_argument("--log", default=None, help="file for the vLLM server log")
     p.set_defaults(fn=cmd_capture)
 

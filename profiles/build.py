@@ -44,7 +44,9 @@ def read_trace(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
         raise ProfileError(f"{path}: trace has no fingerprint record (did the server finish starting?)")
     if not cols["latency_us"]:
         raise ProfileError(f"{path}: trace has no steps")
-    arrays = {name: np.asarray(cols[name], dtype=dtype) for name, dtype, _ in STEP_COLUMNS}
+    n = len(cols["latency_us"])
+    arrays = {name: np.asarray(cols[name] if len(cols[name]) == n else [0] * n, dtype=dtype)
+              for name, dtype, _ in STEP_COLUMNS}
     return fp, arrays, np.asarray(out_lens, dtype=np.uint32)
 
 

@@ -74,6 +74,11 @@ async def run_sweep(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: s
     task = progress.add_task("capture sweep", total=total) if progress else None
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
+        # warm-up (JIT compilation of new shapes, allocator, caches): its steps are
+        # dropped by build_profile's warmup_steps
+        for c, l in [(4, 512), (1, 64), (8, 128), (2, 1024)]:
+            await asyncio.gather(*(_post(client, model, [rng.randrange(vocab_lo, vocab_hi) for _ in range(l)], 48)
+                                   for _ in range(c)))
         for c, l in grid:
             prompts = [[rng.randrange(vocab_lo, vocab_hi) for _ in range(l)] for _ in range(c)]
             await asyncio.gather(*(_post(client, model, p, plan.grid_output) for p in prompts))
@@ -94,7 +99,7 @@ async def run_sweep(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: s
 
 
 def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
-            warmup_steps: int = 50, log_file: str | Path | None = None) -> Profile:
+            warmup_steps: int = 200, log_file: str | Path | None = None) -> Profile:
     """Start ``backend`` (mode real) with the ProfilingExecutor, sweep, stop it, build and save.
 
     Raises:

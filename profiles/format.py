@@ -52,8 +52,12 @@ STEP_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("context_tokens", "<u8", "sum over requests of tokens already in KV cache"),
     ("attn_work", "<u8", "sum over requests of scheduled*(computed+scheduled/2): attention cost proxy"),
     ("latency_us", "<u4", "device service time of the step, microseconds"),
+    ("host_gap_us", "<u4", "host time between the previous step's end and this step's submit, us "
+                           "(sync scheduling; 0 when overlapped or idle)"),
 )
 STEP_DTYPES = {name: dtype for name, dtype, _ in STEP_COLUMNS}
+#: Columns a reader fills with zeros when a file lacks them (added after version 1 files existed).
+OPTIONAL_COLUMNS = ("host_gap_us",)
 
 
 class ProfileError(ValueError):
@@ -80,6 +84,8 @@ class Profile:
     def __post_init__(self) -> None:
         n = None
         for name, dtype, _ in STEP_COLUMNS:
+            if name not in self.steps and name in OPTIONAL_COLUMNS:
+                self.steps[name] = np.zeros(len(self.steps.get("latency_us", ())), dtype=dtype)
             if name not in self.steps:
                 raise ProfileError(f"profile step table lacks column {name!r}")
             arr = np.ascontiguousarray(self.steps[name], dtype=np.dtype(dtype))

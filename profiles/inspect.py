@@ -26,6 +26,10 @@ def inspect_profile(path: str, png: str | None = None, heldout: bool = True) -> 
                          f"p90 {np.percentile(lat_ms[m], 90):.2f} max {lat_ms[m].max():.2f}; "
                          f"tokens {int(s['num_tokens'][m].min())}-{int(s['num_tokens'][m].max())}, "
                          f"requests {int(s['num_reqs'][m].min())}-{int(s['num_reqs'][m].max())}")
+    gaps = s["host_gap_us"][s["host_gap_us"] > 0] / 1000.0
+    if len(gaps):
+        lines.append(f"host gap between steps: {len(gaps)} recorded, ms p50 {np.median(gaps):.2f} "
+                     f"p90 {np.percentile(gaps, 90):.2f}")
     ol = prof.output_lengths
     if len(ol):
         lines.append(f"output lengths: {len(ol)} (mean {ol.mean():.0f}, p50 {np.median(ol):.0f}, "

@@ -97,9 +97,14 @@ def _training_rows(profile: Profile, idx: np.ndarray | None):
 
 class LatencyOracle:
     """Interface: ``sample_us(features)`` -> one latency draw (us);
-    ``predict_us(features)`` -> the point estimate (median-like, us)."""
+    ``predict_us(features)`` -> the point estimate (median-like, us);
+    ``sample_gap_us(features)`` -> a host-gap draw (us, 0 if none recorded)."""
 
     name = "oracle"
+    _gaps: "_GapModel | None" = None
+
+    def sample_gap_us(self, f: StepFeatures) -> float:
+        return self._gaps.sample(f) if self._gaps is not None else 0.0
 
     def sample_us(self, f: StepFeatures) -> float:  # pragma: no cover - interface
         raise NotImplementedError
@@ -174,6 +179,39 @@ class _Cells:
         return center, [v * scale for v in near_samples]
 
 
+class _GapModel:
+    """Host gaps (us) between steps, drawn from the same (class, tokens, requests) grid.
+
+    The host gap is the engine's own work between one step's end and the
+    next step's submit (scheduling, output processing; ``host_gap_us`` in
+    the profile). Under sync scheduling on a small host it is a sizeable part
+    of every inter-token latency (measured on the bundled CPU profile: see
+    README, Fidelity). Only positive gaps are kept (0 marks overlap or idleness).
+    """
+
+    def __init__(self, keys: list[tuple[int, int, int]], gaps: np.ndarray, rng: random.Random):
+        pos = gaps > 0
+        self.active = bool(pos.sum() >= 3)
+        self._rng = rng
+        if self.active:
+            self._cells = _Cells([k for k, p in zip(keys, pos) if p], gaps[pos].astype(float))
+
+    @classmethod
+    def build(cls, profile: Profile, keys, idx, rng) -> "_GapModel | None":
+        gaps = profile.steps["host_gap_us"]
+        if idx is not None:
+            gaps = gaps[idx]
+        model = cls(keys, np.asarray(gaps), rng)
+        return model if model.active else None
+
+    def sample(self, f: StepFeatures) -> float:
+        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        if cell is None:
+            return 0.0
+        samples = cell[1]
+        return samples[int(self._rng.random() * len(samples))]
+
+
 class Grid2DOracle(LatencyOracle):
     """LLM-Emu's density-aware 2D oracle (baseline). See module docstring.
 
@@ -189,6 +227,7 @@ class Grid2DOracle(LatencyOracle):
         feats, lat, keys = _training_rows(profile, idx)
         self._cells = _Cells(keys, lat)
         self._rng = random.Random(seed)
+        self._gaps = _GapModel.build(profile, keys, idx, random.Random(seed + 1))
         self._fallback = float(np.median(lat)) if len(lat) else 1000.0
 
     def predict_us(self, f: StepFeatures) -> float:
@@ -267,6 +306,7 @@ class FeatureOracle(LatencyOracle):
         ratios = lat / lin if len(lat) else lat
         self._cells = _Cells(keys, ratios)
         self._rng = random.Random(seed)
+        self._gaps = _GapModel.build(profile, keys, idx, random.Random(seed + 1))
 
     def _linear(self, f: StepFeatures) -> float:
         c = self._coef.get(f.step_class) or next(iter(self._coef.values()))

@@ -164,3 +164,19 @@ def test_installed_vllm_is_unmodified():
         assert digest == f.hash.value, f"{f} differs from the installed wheel's RECORD"
         checked += 1
     assert checked > 1000
+
+
+def test_host_gap_is_drawn_from_recorded_gaps_and_delays_the_next_step():
+    from emu_executor.timing import VirtualDevice
+    p = synthetic_profile(2000)
+    assert not p.steps["host_gap_us"].any()  # files without the column read as zeros
+    f = profile_features(p, np.arange(50))
+    assert all(FeatureOracle(p).sample_gap_us(x) == 0 for x in f)
+    p.steps["host_gap_us"] = np.random.default_rng(0).integers(2000, 4000, p.num_steps).astype(np.uint32)
+    for kind in (FeatureOracle, Grid2DOracle):
+        gaps = [kind(p, seed=3).sample_gap_us(x) for x in f]
+        assert all(2000 <= g < 4000 for g in gaps) and len(set(gaps)) > 10
+    dev = VirtualDevice()
+    e1 = dev.submit(0.010)
+    e2 = dev.submit(0.010, host_gap_s=0.005)
+    assert e2 - e1 == pytest.approx(0.015, abs=1e-9)
