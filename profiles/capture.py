@@ -11,7 +11,8 @@ The sweep has two phases, both over the completions API with ``ignore_eos``:
 2. **workload**: ShareGPT requests (``loadtests.dataset``, seed
    ``capture_seed`` — validation uses other seeds, so no request is both
    captured and validated) at a Poisson ``rate``, each decoding its dataset
-   completion length: the mixed prefill/decode steps of real serving.
+   completion length, *streamed* as clients do: the mixed prefill/decode
+   steps of real serving, under the API server's real per-token load.
 
 Output lengths: a dummy-weights model's EOS timing is meaningless, so when
 fewer than 100 requests end naturally the profile records the tokenized
@@ -52,11 +53,18 @@ class SweepPlan:
                 if c * l <= self.token_budget]
 
 
-async def _post(client: httpx.AsyncClient, model: str, prompt, max_tokens: int) -> int:
-    r = await client.post("/v1/completions", json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0})
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"]
+async def _post(client: httpx.AsyncClient, model: str, prompt, max_tokens: int, stream: bool = False) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+    if not stream:
+        r = await client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return
+    # streamed like real clients: the API server's per-token SSE work shares the
+    # host with the engine, and on a small CPU host that shows in the step times
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for _ in r.aiter_raw():
+            pass
 
 
 async def run_sweep(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str | None,
@@ -90,7 +98,7 @@ async def run_sweep(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: s
 
             async def one(req, at):
                 await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-                await _post(client, model, req.prompt, req.expected_output_len)
+                await _post(client, model, req.prompt, req.expected_output_len, stream=True)
                 if progress:
                     progress.update(task, advance=1, description="ShareGPT workload")
 

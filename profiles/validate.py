@@ -39,6 +39,8 @@ def add_validate_args(p) -> None:
     p.add_argument("--profile", default=None, help="use this profile instead of the emulated backend's")
     p.add_argument("--rates", default="0.5,1,2,3", help="request rates (req/s), comma-separated")
     p.add_argument("--burstiness", default="1,0.25", help="gamma shapes, comma-separated (1 = Poisson)")
+    p.add_argument("--points", default=None,
+                   help="explicit RATE:BURSTINESS pairs, e.g. 0.5:1,1:1,1.5:1,1:0.25 (overrides the two above)")
     p.add_argument("--num-prompts", type=int, default=60)
     p.add_argument("--seed", type=int, default=7, help="validation seed (the capture uses 1000)")
     p.add_argument("--warmup-prompts", type=int, default=16)
@@ -146,8 +148,10 @@ def main_validate(args) -> int:
             print(f"[validate] {b.name} ({b.mode}) healthy; warming up")
             _locust(url, b.model_name, tokenizer, out / f"warmup-{b.name}.json", 4.0, 1.0, args.warmup_prompts,
                     args.seed + 500)
-        total = len(rates) * len(bursts)
-        for i, (burst, rate) in enumerate((b_, r_) for b_ in bursts for r_ in rates):
+        points = ([(float(b_), float(r_)) for r_, b_ in (x.split(":") for x in args.points.split(","))]
+                  if args.points else [(b_, r_) for b_ in bursts for r_ in rates])
+        total = len(points)
+        for i, (burst, rate) in enumerate(points):
             tag = f"r{rate}-b{burst}"
             res = {}
             for name, (b, rep) in {"real": (real_b, 1), "real2": (real_b, 2), "emu": (emu_b, 1)}.items():
