@@ -225,7 +225,7 @@ class EmulatedExecutor(Executor):
         if fn is None:
             raise NotImplementedError(f"emulate mode does not support the worker RPC {method!r}")
         result = fn(*args, **(kwargs or {}))
-        results = result if single_value else [result] * (1 if method == "get_supported_tasks" else self.world_size)
+        results = result if single_value else [result] * self.world_size  # one answer per emulated worker
         if non_block:
             f: Future = Future()
             f.set_result(results)

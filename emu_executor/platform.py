@@ -76,8 +76,6 @@ def _make_platform():
             if sc.max_num_seqs == 128 * tp:
                 sc.max_num_seqs = int(fp["max_num_seqs"])
                 set_.append(f"max_num_seqs={sc.max_num_seqs}")
-            if pc.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker":
-                pass  # the emulated executor starts no worker
             logger.info("emugate platform: scheduler configured as profiled: %s", ", ".join(set_))
 
     return EmulatedPlatform

@@ -103,18 +103,12 @@ class _StepRecorder:
             dev, mem = current_platform.get_device_name(), int(current_platform.get_device_total_memory())
         except Exception:
             dev, mem = "unknown", 0
-        backend = None
-        try:
-            from vllm.v1.attention.selector import get_attn_backend  # noqa: F401
-            backend = str(getattr(self.vllm_config, "attention_config", None) and
-                          self.vllm_config.attention_config.backend)
-        except Exception:
-            pass
+        backend = getattr(getattr(self.vllm_config, "attention_config", None), "backend", None)
         fp.update({
             "vllm_version": __version__, "device_name": dev, "device_memory_bytes": mem,
             "device_type": str(current_platform.device_type),
             "num_kv_blocks": self.vllm_config.cache_config.num_gpu_blocks,
-            "attention_backend": backend or "auto",
+            "attention_backend": str(backend) if backend else "auto",
             "cudagraph_mode": str(getattr(self.vllm_config.compilation_config, "cudagraph_mode", None)),
             "executor": next(c.__name__ for c in type(self).__mro__
                              if c.__name__ in ("UniProcExecutor", "MultiprocExecutor")),
