@@ -20,6 +20,8 @@ from pathlib import Path
 
 from _common import MODEL, ROOT, emulated_server, resolve_model_dir
 
+from loadtests.runner import run_locust as _run_locust
+
 KEYS = ["completed", "total_output_tokens", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms",
         "median_ttft_ms", "p99_itl_ms", "output_throughput"]
 
@@ -48,13 +50,7 @@ serve.main(args)
 
 
 def run_locust(url: str, out: Path, a) -> dict:
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless", "-H", url,
-           "--model", MODEL, "--num-prompts", str(a.num_prompts), "--request-rate", str(a.rate), "--seed",
-           str(a.seed), "--ignore-eos", "--result-json", str(out), "--only-summary", "--loglevel", "WARNING"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
-    if p.returncode != 0:
-        raise SystemExit(f"locust failed:\n{p.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return _run_locust(url, MODEL, out, rate=a.rate, num_prompts=a.num_prompts, seed=a.seed)
 
 
 def main() -> None:

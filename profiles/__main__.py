@@ -41,7 +41,7 @@ def cmd_capture(args) -> int:
     if b.mode != "real":
         b = b.model_copy(update={"mode": "real", "profile": None})
     plan = SweepPlan(token_budget=args.token_budget, workload_requests=args.workload_requests,
-                     workload_rate=args.workload_rate, capture_seed=args.seed, grid_output=args.grid_output,
+                     workload_rates=[float(x) for x in args.workload_rates.split(',') if x], capture_seed=args.seed, grid_output=args.grid_output,
                      repeats=args.repeats)
     if args.max_concurrency:
         plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None, help="cap the grid's concurrency levels")
     p.add_argument("--grid-output", type=int, default=24, help="tokens decoded per grid request")
     p.add_argument("--repeats", type=int, default=1, help="passes over the grid")
-    p.add_argument("--workload-requests", type=int, default=200, help="ShareGPT requests after the grid (0: none)")
-    p.add_argument("--workload-rate", type=float, default=1.0, help="their Poisson rate, requests/s")
+    p.add_argument("--workload-requests", type=int, default=100,
+                   help="ShareGPT requests per workload rate, driven by the Locust workload (0: none)")
+    p.add_argument("--workload-rates", default="0.5,1,1.5",
+                   help="Poisson request rates (req/s) of the workload phase, light load to beyond saturation")
     p.add_argument("--seed", type=int, default=1000, help="capture seed (validation must use others)")
     p.add_argument("--warmup-steps", type=int, default=200,
                    help="leading steps dropped (the sweep's warm-up phase makes ~200)")

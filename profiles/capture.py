@@ -8,11 +8,22 @@ The sweep has two phases, both over the completions API with ``ignore_eos``:
    prefix cache never hits) are sent together and decode ``grid_output``
    tokens. This fills the (scheduled tokens x running requests) grid for
    prefill-containing and decode-only steps at several context lengths.
-2. **workload**: ShareGPT requests (``loadtests.dataset``, seed
-   ``capture_seed`` — validation uses other seeds, so no request is both
-   captured and validated) at a Poisson ``rate``, each decoding its dataset
-   completion length, *streamed* as clients do: the mixed prefill/decode
-   steps of real serving, under the API server's real per-token load.
+2. **workload**: the project's own Locust ShareGPT workload
+   (:func:`loadtests.runner.run_locust`, a separate process, streaming, as
+   users drive the server) at each rate of ``workload_rates`` (Poisson),
+   ``workload_requests`` requests per rate, seeds ``capture_seed + i``
+   (validation uses other seeds, so no request is both captured and
+   validated): the mixed prefill/decode steps of real serving, under the
+   API server's and the client's real per-token load, from light load to
+   beyond saturation.
+
+Why the load client matters (measured, issue 5): on a small CPU host the
+forward pass shares cores with the API server and the load client, so a
+step's time depends on how much streaming work runs beside it. A profile
+whose workload phase was driven by a light httpx client predicted decode
+steps of 8-12 requests 24% too fast under Locust load (61.4 ms real vs
+49.1 ms predicted, median). The grid phase is streamed too, for the same
+reason. On a GPU host the coupling is small, and the same procedure holds.
 
 Output lengths: a dummy-weights model's EOS timing is meaningless, so when
 fewer than 100 requests end naturally the profile records the tokenized
@@ -44,8 +55,8 @@ class SweepPlan:
     token_budget: int = 16384
     grid_output: int = 24
     repeats: int = 1
-    workload_requests: int = 200
-    workload_rate: float = 1.0
+    workload_requests: int = 100
+    workload_rates: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
     capture_seed: int = 1000
 
     def grid(self) -> list[tuple[int, int]]:
@@ -67,19 +78,12 @@ async def _post(client: httpx.AsyncClient, model: str, prompt, max_tokens: int, 
             pass
 
 
-async def run_sweep(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str | None,
-                    vocab_lo: int = 1000, vocab_hi: int = 100000, progress=None) -> list[int]:
-    """Drive the two phases against ``base_url``; returns the workload's dataset output lengths."""
+async def run_grid(base_url: str, model: str, plan: SweepPlan, vocab_lo: int = 1000, vocab_hi: int = 100000,
+                   progress=None) -> None:
+    """Warm-up, then the grid phase (module docstring) against ``base_url``, streamed."""
     rng = random.Random(plan.capture_seed)
     grid = plan.grid()
-    sample = []
-    if plan.workload_requests and tokenizer_dir:
-        from loadtests.arrivals import arrival_times
-        from loadtests.dataset import get_tokenizer, sample_sharegpt
-        tok = get_tokenizer(tokenizer_dir)
-        sample = sample_sharegpt(tok, plan.workload_requests, seed=plan.capture_seed)
-    total = len(grid) + len(sample)
-    task = progress.add_task("capture sweep", total=total) if progress else None
+    task = progress.add_task("capture grid", total=len(grid)) if progress else None
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
         # warm-up (JIT compilation of new shapes, allocator, caches): its steps are
@@ -89,21 +93,29 @@ async def run_sweep(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: s
                                    for _ in range(c)))
         for c, l in grid:
             prompts = [[rng.randrange(vocab_lo, vocab_hi) for _ in range(l)] for _ in range(c)]
-            await asyncio.gather(*(_post(client, model, p, plan.grid_output) for p in prompts))
+            await asyncio.gather(*(_post(client, model, p, plan.grid_output, stream=True) for p in prompts))
             if progress:
                 progress.update(task, advance=1, description=f"grid C={c} L={l}")
-        if sample:
-            times = arrival_times(len(sample), plan.workload_rate, 1.0, seed=plan.capture_seed)
-            t0 = time.perf_counter()
 
-            async def one(req, at):
-                await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-                await _post(client, model, req.prompt, req.expected_output_len, stream=True)
-                if progress:
-                    progress.update(task, advance=1, description="ShareGPT workload")
 
-            await asyncio.gather(*(one(r, t) for r, t in zip(sample, times)))
-    return [r.expected_output_len for r in sample]
+def run_workload(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str, prefix: Path) -> list[int]:
+    """The workload phase (module docstring); returns the dataset output lengths (tokens) it decoded.
+
+    Each rate's Locust result is written to ``{prefix}.workload-r{rate}.json``.
+    """
+    from loadtests.dataset import get_tokenizer, sample_sharegpt
+    from loadtests.runner import run_locust
+    tok = get_tokenizer(tokenizer_dir)
+    lens: list[int] = []
+    for i, rate in enumerate(plan.workload_rates):
+        seed = plan.capture_seed + i
+        t0 = time.perf_counter()
+        r = run_locust(base_url, model, prefix.with_name(f"{prefix.name}.workload-r{rate}.json"), rate=rate,
+                       num_prompts=plan.workload_requests, seed=seed, tokenizer=tokenizer_dir)
+        print(f"[capture] workload {i + 1}/{len(plan.workload_rates)}: {r['completed']} requests at {rate} req/s "
+              f"(seed {seed}) in {time.perf_counter() - t0:.0f} s; mean TPOT {r['mean_tpot_ms']:.1f} ms")
+        lens += [s.expected_output_len for s in sample_sharegpt(tok, plan.workload_requests, seed=seed)]
+    return lens
 
 
 def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
@@ -131,10 +143,13 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
         waited = wait_healthy(f"http://127.0.0.1:{port}", proc)
         print(f"[capture] server healthy after {waited:.0f} s; sweeping")
         from gateway.launch import resolve_model
+        url = f"http://127.0.0.1:{port}"
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn()) as progress:
-            lens = asyncio.run(run_sweep(f"http://127.0.0.1:{port}", b.model_name, plan,
-                                         resolve_model(b.model), progress=progress))
+            asyncio.run(run_grid(url, b.model_name, plan, progress=progress))
+        lens = []
+        if plan.workload_requests and plan.workload_rates:
+            lens = run_workload(url, b.model_name, plan, resolve_model(b.model), trace.with_suffix(""))
     finally:
         proc.stop(grace_s=60)
     prof = build_profile([trace], warmup_steps=warmup_steps, output_lengths=lens or None,

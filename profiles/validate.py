@@ -8,8 +8,9 @@ settings (both from one gateway config):
 2. start both servers, warm each up (requests of another seed, not measured);
 3. for every (request rate, burstiness) in the sweep, drive the same ShareGPT
    plan (``loadtests`` sampler and schedule, ``--seed``, ``ignore_eos``)
-   with the Locust workload against real, real again (its run-to-run
-   noise), and emulated;
+   with the Locust workload against real, emulated, then real again (its
+   run-to-run noise; the emulated run sits between the two, so slow drift
+   of the host shows in the noise rather than in the error);
 4. write ``validate.csv``, ``validate.md`` and ``validate.png``: per rate,
    the % error of emulated vs real (the mean of the two real runs) for mean,
    p50 and p99 TTFT, TPOT, ITL, E2EL and output throughput, with the real
@@ -23,10 +24,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from loadtests.runner import run_locust
 
 METRIC_KEYS = [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")]
 METRIC_KEYS.append("output_throughput")
@@ -52,15 +53,7 @@ def add_validate_args(p) -> None:
 
 
 def _locust(url: str, model: str, tokenizer: str, out: Path, rate: float, burst: float, n: int, seed: int) -> dict:
-    out = out.resolve()
-    cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve().parent.parent / "loadtests" / "sharegpt.py"),
-           "--headless", "-H", url, "--model", model, "--tokenizer", tokenizer, "--num-prompts", str(n),
-           "--request-rate", str(rate), "--burstiness", str(burst), "--seed", str(seed), "--ignore-eos",
-           "--result-json", str(out), "--only-summary", "--loglevel", "WARNING"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
-    if p.returncode != 0 or not out.exists():
-        raise RuntimeError(f"load run failed ({' '.join(cmd)}):\n{p.stderr[-2000:]}")
-    return json.loads(out.read_text())
+    return run_locust(url, model, out, rate=rate, burstiness=burst, num_prompts=n, seed=seed, tokenizer=tokenizer)
 
 
 def _err(a: float, b: float) -> float:
@@ -187,7 +180,7 @@ def main_validate(args) -> int:
         for i, (burst, rate) in enumerate(points):
             tag = f"r{rate}-b{burst}"
             res = {}
-            for name, (b, rep) in {"real": (real_b, 1), "real2": (real_b, 2), "emu": (emu_b, 1)}.items():
+            for name, b in {"real": real_b, "emu": emu_b, "real2": real_b}.items():
                 _, url = servers[b.name]
                 res[name] = _locust(url, b.model_name, tokenizer, out / f"{tag}-{name}.json", rate, burst,
                                     args.num_prompts, args.seed)
