@@ -111,7 +111,7 @@ class _StepRecorder:
             "attention_backend": str(backend) if backend else "auto",
             "cudagraph_mode": str(getattr(self.vllm_config.compilation_config, "cudagraph_mode", None)),
             "executor": next(c.__name__ for c in type(self).__mro__
-                             if c.__name__ in ("UniProcExecutor", "MultiprocExecutor")),
+                             if c.__name__ in ("UniProcExecutor", "MultiprocExecutor", "EmulatedExecutor")),
         })
         self._write({"type": "fingerprint", "fingerprint": fp})
 

@@ -49,7 +49,9 @@ class BackendConfig(_Strict):
     profile: str | None = Field(None, description="emulate: profile file or bundled name")
     oracle: Literal["feature", "grid2d"] = "feature"
     seed: int = 0
-    capture_trace: str | None = Field(None, description="real: record a step trace here (ProfilingExecutor)")
+    capture_trace: str | None = Field(
+        None, description="record a step trace here: real steps (ProfilingExecutor) or, in emulate mode, the "
+                          "emulated steps as served (EmulatedProfilingExecutor), for step-by-step comparison")
     replicas: int = Field(1, ge=1, le=64)
     ports: list[int] | None = Field(None, description="one per replica; default: free ports")
     max_model_len: int | None = Field(None, ge=16)

@@ -27,6 +27,7 @@ from gateway.config import BackendConfig
 
 EMULATED_EXECUTOR = "emu_executor.EmulatedExecutor"
 PROFILING_EXECUTOR = "emu_executor.ProfilingExecutor"
+EMULATED_PROFILING_EXECUTOR = "emu_executor.executor.EmulatedProfilingExecutor"
 _EMU_ENV = ("EMUGATE_PROFILE", "EMUGATE_STEP_MS", "EMUGATE_ORACLE", "EMUGATE_SEED")
 
 
@@ -73,7 +74,7 @@ def vllm_command(b: BackendConfig, port: int, replica: int = 0,
         env.setdefault("HF_HUB_OFFLINE", "1")
     if b.mode == "emulate":
         from profiles.format import resolve_profile
-        argv += ["--distributed-executor-backend", EMULATED_EXECUTOR]
+        argv += ["--distributed-executor-backend", EMULATED_PROFILING_EXECUTOR if b.capture_trace else EMULATED_EXECUTOR]
         env.update(EMUGATE_PROFILE=str(resolve_profile(b.profile)), EMUGATE_ORACLE=b.oracle,
                    EMUGATE_SEED=str(b.seed + replica))
     else:
@@ -81,8 +82,9 @@ def vllm_command(b: BackendConfig, port: int, replica: int = 0,
             argv += ["--load-format", b.load_format]
         if b.capture_trace:
             argv += ["--distributed-executor-backend", PROFILING_EXECUTOR]
-            trace = b.capture_trace if b.replicas == 1 else f"{b.capture_trace}.{replica}"
-            env["EMUGATE_TRACE"] = str(Path(trace).resolve())
+    if b.capture_trace:
+        trace = b.capture_trace if b.replicas == 1 else f"{b.capture_trace}.{replica}"
+        env["EMUGATE_TRACE"] = str(Path(trace).resolve())
     if b.gpu_ids:
         env["CUDA_VISIBLE_DEVICES"] = b.gpu_ids[replica]
     argv += list(b.extra_args)

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,7 +30,7 @@ REAL_MODEL = "h1024-real"
 def gw(tmp_path_factory):
     port = free_port()
     tmp = tmp_path_factory.mktemp("gw")
-    cfg, trace = tmp / "fleet.toml", tmp / "real.trace.jsonl"
+    cfg, trace, emu_trace = tmp / "fleet.toml", tmp / "real.trace.jsonl", tmp / "emu.trace.jsonl"
     cfg.write_text(f"""
 [gateway]
 port = {port}
@@ -42,6 +43,7 @@ profile = "cpu-epyc-2c_mistral-h1024-l8"
 replicas = 2
 max_model_len = 2048
 dtype = "bfloat16"
+capture_trace = "{emu_trace}"
 [[backends]]
 name = "cpu-real"
 model = "mistral-h1024-l8"
@@ -62,7 +64,7 @@ capture_trace = "{trace}"
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, timeout_s=600)
-        yield url, proc, log, trace
+        yield url, proc, log, trace, emu_trace
     finally:
         proc.stop(grace_s=40)
         # no orphans: every vLLM the gateway started is gone with it
@@ -184,7 +186,7 @@ def test_metrics_has_gateway_and_labelled_vllm_metrics(gw):
 
 
 def test_killed_replica_fails_its_stream_reroutes_and_restarts(gw):
-    url, _, log, _ = gw
+    url, _, log, *_ = gw
     pids = dict(re.findall(r"started (emu/\d) \(pid (\d+)", log.read_text()))
     results: dict[int, dict] = {}
 
@@ -229,7 +231,7 @@ def test_real_backend_records_a_step_trace_that_builds_a_profile(gw):
     """The real backend runs with the ProfilingExecutor (capture_trace): its trace becomes a profile."""
     from profiles.build import build_profile
     from profiles.oracle import DECODE, Grid2DOracle, profile_features
-    url, *_, trace = gw
+    url, _, _, trace, _ = gw
     for n in (8, 300):
         r = httpx.post(url + "/v1/completions", json={"model": REAL_MODEL, "prompt": "word " * n, "max_tokens": 12,
                                                       "ignore_eos": True}, timeout=120)
@@ -252,3 +254,34 @@ def test_real_backend_records_a_step_trace_that_builds_a_profile(gw):
     # a 300-token prefill costs visibly more than a single-token decode step on real kernels
     assert s["latency_us"][big_prefill].min() > 1.5 * np.median(s["latency_us"][s["prefill_tokens"] == 0])
     assert Grid2DOracle(prof).predict_us(profile_features(prof)[-1]) > 0
+
+
+def test_emulated_backend_records_the_steps_it_served(gw):
+    """An emulated backend with capture_trace runs the EmulatedProfilingExecutor: each replica writes a
+    trace in the real trace format, whose step times are the profile's (not zero, not wall-clock noise)."""
+    from profiles.build import build_profile
+    from profiles.format import Profile, resolve_profile
+    from profiles.oracle import DECODE, FeatureOracle, profile_features
+    url, _, _, _, emu_trace = gw
+    traces = [Path(f"{emu_trace}.{i}") for i in (0, 1)]
+    for _ in range(2):  # least-outstanding routing alternates: both replicas get work
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "word " * 200, "max_tokens": 16,
+                                                      "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200
+
+    def flushed():
+        try:
+            return sum(build_profile([t], warmup_steps=0).num_steps for t in traces if t.exists()) >= 30
+        except Exception:
+            return False
+    wait_for(flushed, 30, what="the emulated replicas' step chunks")
+    prof = build_profile([t for t in traces if t.exists()], warmup_steps=0)
+    assert prof.fingerprint["executor"] == "EmulatedExecutor" and prof.fingerprint["num_kv_blocks"] > 0
+    s = prof.steps
+    dec = s["prefill_tokens"] == 0
+    assert (s["prefill_tokens"] >= 200).any() and (s["num_tokens"][dec] == s["num_reqs"][dec]).all()
+    # served step times follow the bundled profile's oracle (a broken timer would serve ~0 us)
+    oracle = FeatureOracle(Profile.load(resolve_profile("cpu-epyc-2c_mistral-h1024-l8")))
+    feats = profile_features(prof)
+    ratio = np.median([s["latency_us"][i] / oracle.predict_us(f) for i, f in enumerate(feats) if f.step_class == DECODE])
+    assert 0.6 < ratio < 1.6, ratio
