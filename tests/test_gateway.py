@@ -264,22 +264,23 @@ def test_emulated_backend_records_the_steps_it_served(gw):
     from profiles.oracle import DECODE, FeatureOracle, profile_features
     url, _, _, _, emu_trace = gw
     traces = [Path(f"{emu_trace}.{i}") for i in (0, 1)]
-    for _ in range(2):  # least-outstanding routing alternates: both replicas get work
-        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "word " * 200, "max_tokens": 16,
-                                                      "ignore_eos": True}, timeout=120)
-        assert r.status_code == 200
 
-    def flushed():
+    def steps() -> int:
         try:
-            return sum(build_profile([t], warmup_steps=0).num_steps for t in traces if t.exists()) >= 30
+            return sum(build_profile([t], warmup_steps=0).num_steps for t in traces if t.exists())
         except Exception:
-            return False
-    wait_for(flushed, 30, what="the emulated replicas' step chunks")
+            return 0
+    before = steps()  # the traces also hold the steps of earlier tests
+    for i in range(2):  # unique prompts (no prefix-cache hits); least-outstanding spreads them
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": f"trace{i} " + "word " * 300,
+                                                      "max_tokens": 16, "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200
+    wait_for(lambda: steps() >= before + 32, 30, what="the emulated replicas' step chunks (flushed every 2 s)")
     prof = build_profile([t for t in traces if t.exists()], warmup_steps=0)
     assert prof.fingerprint["executor"] == "EmulatedExecutor" and prof.fingerprint["num_kv_blocks"] > 0
     s = prof.steps
     dec = s["prefill_tokens"] == 0
-    assert (s["prefill_tokens"] >= 200).any() and (s["num_tokens"][dec] == s["num_reqs"][dec]).all()
+    assert (s["prefill_tokens"] >= 300).any() and (s["num_tokens"][dec] == s["num_reqs"][dec]).all()
     # served step times follow the bundled profile's oracle (a broken timer would serve ~0 us)
     oracle = FeatureOracle(Profile.load(resolve_profile("cpu-epyc-2c_mistral-h1024-l8")))
     feats = profile_features(prof)
