@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -31,13 +30,13 @@ import numpy as np
 from _common import ROOT
 
 from gateway.config import load_config
-from gateway.launch import ServerProcess, free_port, resolve_model, vllm_command, wait_healthy
+from gateway.launch import resolve_model, started_backend, wait_healthy
 from loadtests.runner import run_locust
 from profiles.build import read_trace
 from profiles.format import Profile, resolve_profile
-from profiles.oracle import StepFeatures, build_oracle
+from profiles.oracle import build_oracle, profile_features
+from profiles.validate import warm_up
 
-FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "decode_reqs", "prefill_reqs", "context_tokens", "attn_work")
 BUCKETS = [(1, 4), (4, 8), (8, 16), (16, 24), (24, 1 << 20)]
 
 
@@ -46,23 +45,15 @@ def run_traced(backend, out: Path, a) -> tuple[dict, dict[str, np.ndarray]]:
     trace = out / f"{backend.name}.trace.jsonl"
     trace.unlink(missing_ok=True)
     b = backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
-    port = free_port()
-    argv, env = vllm_command(b, port)
-    proc = ServerProcess(b.name, argv, env, log=open(os.devnull, "w"), log_file=out / f"{b.name}.log")
-    proc.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
+    tok = resolve_model(b.model)
+    with started_backend(b, out / f"{b.name}.log") as (url, proc):
         wait_healthy(url, proc)
-        tok = resolve_model(b.model)
-        run_locust(url, b.model_name, out / f"{b.name}-warmup.json", rate=4.0, num_prompts=16, seed=a.seed + 500,
-                   tokenizer=tok)
+        warm_up(url, b.model_name, tok, out / f"{b.name}-warmup.json", 16, a.seed + 500)
         time.sleep(2.5)  # the recorder flushes every 2 s
         n0 = len(read_trace(trace)[1]["latency_us"])
         res = run_locust(url, b.model_name, out / f"{b.name}.json", rate=a.rate, burstiness=a.burstiness,
                          num_prompts=a.num_prompts, seed=a.seed, tokenizer=tok)
         time.sleep(2.5)
-    finally:
-        proc.stop(grace_s=30)
     cols = read_trace(trace)[1]
     return res, {k: v[n0:].astype(np.int64) for k, v in cols.items()}
 
@@ -78,7 +69,7 @@ def timeline(c: dict[str, np.ndarray]) -> dict[str, float]:
 def oracle_error(c: dict[str, np.ndarray], oracle, draws: int = 30) -> list[tuple[str, int, float]]:
     """(bucket, steps, % error of the mean oracle draw vs measured) per decode batch bucket and prefill."""
     lat = c["latency_us"].astype(float)
-    feats = [StepFeatures(*(int(c[k][i]) for k in FEATURES)) for i in range(len(lat))]
+    feats = profile_features(Profile({}, dict(c), np.zeros(0, np.uint32), {}))
     pred = np.array([np.mean([oracle.sample_us(f) for _ in range(draws)]) for f in feats])
     dec, nr = c["prefill_tokens"] == 0, c["num_reqs"]
     rows = [("all", len(lat), pred.sum() / lat.sum() - 1)]

@@ -379,18 +379,3 @@ class EmulatedExecutor(Executor):
                 ids[i], lps[i] = row_ids, row_lps
         return LogprobsLists(ids, lps, np.ones(len(req_ids), dtype=np.int32), None)
 
-
-from emu_executor.profiling import _make  # noqa: E402  (profiling imports nothing from here)
-
-
-class EmulatedProfilingExecutor(_make(EmulatedExecutor)):
-    """EmulatedExecutor that records its own steps in the ProfilingExecutor's trace format.
-
-    ``latency_us`` is the emulated step's service time as served (the oracle's
-    draw, plus any part of the drawn host gap that the emulated host did not
-    already spend), ``host_gap_us`` the emulated engine's own work between
-    steps. Comparing such a trace with a real one of the same workload
-    (``benchmarks/step_trace_compare.py``) separates oracle error from
-    scheduling differences. Chosen by the gateway when an emulated backend
-    sets ``capture_trace``; needs ``EMUGATE_TRACE``.
-    """

@@ -39,6 +39,7 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
+from emu_executor.executor import EmulatedExecutor
 from emu_executor.features import RequestTable, step_features
 from emu_executor.fingerprint import engine_fingerprint
 from profiles.format import STEP_COLUMNS
@@ -213,6 +214,19 @@ class UniProcProfilingExecutor(_make(UniProcExecutor)):
 
 class MultiprocProfilingExecutor(_make(MultiprocExecutor)):
     """MultiprocExecutor (tensor parallel, and vLLM's CPU platform) that records a step trace."""
+
+
+class EmulatedProfilingExecutor(_make(EmulatedExecutor)):
+    """EmulatedExecutor that records its own steps in the trace format above.
+
+    ``latency_us`` is the emulated step's service time as served (the oracle's
+    draw, plus any part of the drawn host gap that the emulated host did not
+    already spend), ``host_gap_us`` the emulated engine's own work between
+    steps. Comparing such a trace with a real one of the same workload
+    (``benchmarks/step_trace_compare.py``) separates oracle error from
+    scheduling differences. Chosen by the gateway when an emulated backend
+    sets ``capture_trace``; needs ``EMUGATE_TRACE``.
+    """
 
 
 class ProfilingExecutor(Executor):

@@ -13,6 +13,7 @@ The gateway never imports vLLM itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,13 +22,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 from gateway.config import BackendConfig
 
 EMULATED_EXECUTOR = "emu_executor.EmulatedExecutor"
 PROFILING_EXECUTOR = "emu_executor.ProfilingExecutor"
-EMULATED_PROFILING_EXECUTOR = "emu_executor.executor.EmulatedProfilingExecutor"
+EMULATED_PROFILING_EXECUTOR = "emu_executor.EmulatedProfilingExecutor"
 _EMU_ENV = ("EMUGATE_PROFILE", "EMUGATE_STEP_MS", "EMUGATE_ORACLE", "EMUGATE_SEED")
 
 
@@ -206,3 +207,24 @@ def wait_healthy(url: str, proc: ServerProcess | None = None, timeout_s: float =
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
         time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def started_backend(b: BackendConfig, log_file: str | Path | None, name: str | None = None,
+                    grace_s: float = 30.0) -> Iterator[tuple[str, ServerProcess]]:
+    """One replica of ``b`` on a free loopback port, for tools that print their
+    own progress (capture, validate, benchmarks): the server log goes only to
+    ``log_file`` (to stderr, prefixed, when it is None).
+
+    Yields ``(base URL, process)`` right after the start, so several servers can
+    boot at once; call :func:`wait_healthy` before use. Stopped on exit.
+    """
+    port = free_port()
+    argv, env = vllm_command(b, port)
+    with open(os.devnull, "w") as devnull:
+        proc = ServerProcess(name or b.name, argv, env, log=devnull if log_file else None, log_file=log_file)
+        proc.start()
+        try:
+            yield f"http://127.0.0.1:{port}", proc
+        finally:
+            proc.stop(grace_s=grace_s)

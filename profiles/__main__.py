@@ -41,8 +41,8 @@ def cmd_capture(args) -> int:
     if b.mode != "real":
         b = b.model_copy(update={"mode": "real", "profile": None})
     plan = SweepPlan(token_budget=args.token_budget, workload_requests=args.workload_requests,
-                     workload_rates=[float(x) for x in args.workload_rates.split(',') if x], capture_seed=args.seed, grid_output=args.grid_output,
-                     repeats=args.repeats)
+                     workload_rates=[float(x) for x in args.workload_rates.split(",") if x],
+                     capture_seed=args.seed, grid_output=args.grid_output, repeats=args.repeats)
     if args.max_concurrency:
         plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
     capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log)

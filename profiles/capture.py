@@ -32,7 +32,6 @@ ShareGPT completion lengths instead (``meta.output_lengths_source``).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from pathlib import Path
 import httpx
 
 from gateway.config import BackendConfig
-from gateway.launch import ServerProcess, free_port, vllm_command, wait_healthy
+from gateway.launch import resolve_model, started_backend, wait_healthy
 from profiles.build import build_profile
 from profiles.format import Profile
 
@@ -99,13 +98,13 @@ async def run_grid(base_url: str, model: str, plan: SweepPlan, vocab_lo: int = 1
 
 
 def run_workload(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str, prefix: Path) -> list[int]:
-    """The workload phase (module docstring); returns the dataset output lengths (tokens) it decoded.
+    """The workload phase (module docstring); returns the output lengths (tokens) it decoded.
 
-    Each rate's Locust result is written to ``{prefix}.workload-r{rate}.json``.
+    With ``ignore_eos`` each request decodes its dataset completion length, so
+    these are the tokenized ShareGPT completion lengths. Each rate's Locust
+    result is written to ``{prefix}.workload-r{rate}.json``.
     """
-    from loadtests.dataset import get_tokenizer, sample_sharegpt
     from loadtests.runner import run_locust
-    tok = get_tokenizer(tokenizer_dir)
     lens: list[int] = []
     for i, rate in enumerate(plan.workload_rates):
         seed = plan.capture_seed + i
@@ -114,7 +113,7 @@ def run_workload(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str,
                        num_prompts=plan.workload_requests, seed=seed, tokenizer=tokenizer_dir)
         print(f"[capture] workload {i + 1}/{len(plan.workload_rates)}: {r['completed']} requests at {rate} req/s "
               f"(seed {seed}) in {time.perf_counter() - t0:.0f} s; mean TPOT {r['mean_tpot_ms']:.1f} ms")
-        lens += [s.expected_output_len for s in sample_sharegpt(tok, plan.workload_requests, seed=seed)]
+        lens += [n for n in r["output_lens"] if n > 0]
     return lens
 
 
@@ -133,25 +132,16 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
     trace = Path(trace or out.with_suffix(".trace.jsonl"))
     trace.unlink(missing_ok=True)
     b = backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
-    port = free_port()
-    argv, env = vllm_command(b, port)
-    quiet = open(os.devnull, "w") if log_file else None  # server log goes to log_file only
-    proc = ServerProcess(f"capture/{b.name}", argv, env, log=quiet, log_file=log_file)
-    print(f"[capture] starting real vLLM for {b.name} on port {port} (trace: {trace})")
-    proc.start()
-    try:
-        waited = wait_healthy(f"http://127.0.0.1:{port}", proc)
+    print(f"[capture] starting real vLLM for {b.name} (trace: {trace})")
+    with started_backend(b, log_file, name=f"capture/{b.name}", grace_s=60) as (url, proc):
+        waited = wait_healthy(url, proc)
         print(f"[capture] server healthy after {waited:.0f} s; sweeping")
-        from gateway.launch import resolve_model
-        url = f"http://127.0.0.1:{port}"
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn()) as progress:
             asyncio.run(run_grid(url, b.model_name, plan, progress=progress))
         lens = []
         if plan.workload_requests and plan.workload_rates:
             lens = run_workload(url, b.model_name, plan, resolve_model(b.model), trace.with_suffix(""))
-    finally:
-        proc.stop(grace_s=60)
     prof = build_profile([trace], warmup_steps=warmup_steps, output_lengths=lens or None,
                          meta={"capture": {"plan": plan.__dict__, "backend": b.model_dump()}})
     prof.save(out)

@@ -21,9 +21,9 @@ request is both in the profile and in the validation.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import os
 import time
 from pathlib import Path
 
@@ -52,8 +52,9 @@ def add_validate_args(p) -> None:
                    help="rebuild validate.csv/.md/.png from the run JSONs already in --out")
 
 
-def _locust(url: str, model: str, tokenizer: str, out: Path, rate: float, burst: float, n: int, seed: int) -> dict:
-    return run_locust(url, model, out, rate=rate, burstiness=burst, num_prompts=n, seed=seed, tokenizer=tokenizer)
+def warm_up(url: str, model: str, tokenizer: str, out: Path, num_prompts: int, seed: int) -> dict:
+    """Unmeasured requests at 4 req/s (JIT shapes, allocator, caches) before a server is measured."""
+    return run_locust(url, model, out, rate=4.0, num_prompts=num_prompts, seed=seed, tokenizer=tokenizer)
 
 
 def _err(a: float, b: float) -> float:
@@ -138,7 +139,7 @@ def main_validate(args) -> int:
         print((out / "validate.md").read_text())
         return 0
     from gateway.config import load_config
-    from gateway.launch import ServerProcess, free_port, resolve_model, vllm_command, wait_healthy
+    from gateway.launch import resolve_model, started_backend, wait_healthy
     from profiles.format import resolve_profile
     cfg = load_config(args.config)
     real_b = cfg.backend(args.real) if args.real else next(b for b in cfg.backends if b.mode == "real")
@@ -159,31 +160,23 @@ def main_validate(args) -> int:
     bursts = [float(x) for x in args.burstiness.split(",")]
     tokenizer = resolve_model(real_b.model)
     rows = []
-    servers = {}
-    devnull = open(os.devnull, "w")
-    try:
+    with contextlib.ExitStack() as stack:
+        # both servers boot at once; each is stopped when the sweep ends or fails
+        servers = {b.name: stack.enter_context(started_backend(b, out / f"{b.name}.log")) for b in (real_b, emu_b)}
         for b in (real_b, emu_b):
-            port = free_port()
-            argv, env = vllm_command(b, port)
-            proc = ServerProcess(b.name, argv, env, log=devnull, log_file=out / f"{b.name}.log")
-            proc.start()
-            servers[b.name] = (proc, f"http://127.0.0.1:{port}")
-        for b in (real_b, emu_b):
-            proc, url = servers[b.name]
+            url, proc = servers[b.name]
             wait_healthy(url, proc)
             print(f"[validate] {b.name} ({b.mode}) healthy; warming up")
-            _locust(url, b.model_name, tokenizer, out / f"warmup-{b.name}.json", 4.0, 1.0, args.warmup_prompts,
-                    args.seed + 500)
+            warm_up(url, b.model_name, tokenizer, out / f"warmup-{b.name}.json", args.warmup_prompts, args.seed + 500)
         points = ([(float(b_), float(r_)) for r_, b_ in (x.split(":") for x in args.points.split(","))]
                   if args.points else [(b_, r_) for b_ in bursts for r_ in rates])
         total = len(points)
         for i, (burst, rate) in enumerate(points):
             tag = f"r{rate}-b{burst}"
-            res = {}
-            for name, b in {"real": real_b, "emu": emu_b, "real2": real_b}.items():
-                _, url = servers[b.name]
-                res[name] = _locust(url, b.model_name, tokenizer, out / f"{tag}-{name}.json", rate, burst,
-                                    args.num_prompts, args.seed)
+            res = {name: run_locust(servers[b.name][0], b.model_name, out / f"{tag}-{name}.json", rate=rate,
+                                    burstiness=burst, num_prompts=args.num_prompts, seed=args.seed,
+                                    tokenizer=tokenizer)
+                   for name, b in {"real": real_b, "emu": emu_b, "real2": real_b}.items()}
             rows.append({"rate": rate, "burst": burst, **res, "cmp": compare_runs(res["real"], res["real2"], res["emu"])})
             c = rows[-1]["cmp"]
             print(f"[validate] {i + 1}/{total} rate {rate} burstiness {burst}: "
@@ -191,9 +184,6 @@ def main_validate(args) -> int:
                               for k in ("mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms",
                                         "output_throughput")))
             write_reports(rows, out)
-    finally:
-        for proc, _ in servers.values():
-            proc.stop(grace_s=30)
     print((out / "validate.md").read_text())
     print(f"[validate] wrote {out}/validate.csv, validate.md, validate.png in {(time.time() - t_start) / 60:.1f} min")
     return 0
