@@ -221,6 +221,8 @@ def started_backend(b: BackendConfig, log_file: str | Path | None, name: str | N
     """
     port = free_port()
     argv, env = vllm_command(b, port)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     with open(os.devnull, "w") as devnull:
         proc = ServerProcess(name or b.name, argv, env, log=devnull if log_file else None, log_file=log_file)
         proc.start()

@@ -129,7 +129,9 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
     if backend.mode != "real":
         raise ValueError(f"capture needs a real backend; {backend.name!r} has mode = {backend.mode!r}")
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     trace = Path(trace or out.with_suffix(".trace.jsonl"))
+    trace.parent.mkdir(parents=True, exist_ok=True)
     trace.unlink(missing_ok=True)
     b = backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
     print(f"[capture] starting real vLLM for {b.name} (trace: {trace})")
