@@ -42,7 +42,8 @@ def cmd_capture(args) -> int:
         b = b.model_copy(update={"mode": "real", "profile": None})
     plan = SweepPlan(token_budget=args.token_budget, workload_requests=args.workload_requests,
                      workload_rates=[float(x) for x in args.workload_rates.split(",") if x],
-                     capture_seed=args.seed, grid_output=args.grid_output, repeats=args.repeats)
+                     capture_seed=args.seed, grid_output=args.grid_output, repeats=args.repeats,
+                     warmup_requests=args.warmup_requests)
     if args.max_concurrency:
         plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
     capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log)
@@ -93,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload-rates", default="0.5,1,1.5",
                    help="Poisson request rates (req/s) of the workload phase, light load to beyond saturation")
     p.add_argument("--seed", type=int, default=1000, help="capture seed (validation must use others)")
-    p.add_argument("--warmup-steps", type=int, default=200,
-                   help="leading steps dropped (the sweep's warm-up phase makes ~200)")
+    p.add_argument("--warmup-requests", type=int, default=60,
+                   help="Locust requests (2 req/s, seed SEED+500) that warm the server up before recording")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="leading steps dropped (default: exactly the warm-up's steps, counted from the trace)")
     p.add_argument("--log", default=None, help="file for the vLLM server log")
     p.set_defaults(fn=cmd_capture)
 

@@ -1,6 +1,7 @@
 """Capture: run a real vLLM with the ProfilingExecutor, sweep the load grid, build a profile.
 
-The sweep has two phases, both over the completions API with ``ignore_eos``:
+After a warm-up whose steps are left out of the profile (below), the sweep
+has two phases, both over the completions API with ``ignore_eos``:
 
 1. **grid**: for each concurrency C (1, 2, 4, ... up to ``max_concurrency``)
    and prompt length L (16, 64, 256, 1024 tokens, with C*L within
@@ -25,6 +26,17 @@ steps of 8-12 requests 24% too fast under Locust load (61.4 ms real vs
 49.1 ms predicted, median). The grid phase is streamed too, for the same
 reason. On a GPU host the coupling is small, and the same procedure holds.
 
+Warm-up (measured, issue 5): a freshly started real server runs the same
+step shapes slower for its first minute or so (``benchmarks/restart_noise.py``:
+single-request decode 37.3 ms in the first probe pass after a 35 s warm-up
+pass vs 33.5 ms in the next, in 2 of 4 starts), and the old capture recorded
+its grid phase in that state: its single-request decode steps ran 36.8-38.7 ms
+where warm validation servers ran 32.4-35.1 ms, and the emulator came out
+~7% slow at light load. So capture first runs the grid warm-up bursts and
+``warmup_requests`` Locust requests (``warmup_rate`` req/s, seed
+``capture_seed + 500``), waits for the trace to flush, and drops every step
+recorded up to then (``meta.warmup_steps`` holds the count).
+
 Output lengths: a dummy-weights model's EOS timing is meaningless, so when
 fewer than 100 requests end naturally the profile records the tokenized
 ShareGPT completion lengths instead (``meta.output_lengths_source``).
@@ -41,8 +53,13 @@ import httpx
 
 from gateway.config import BackendConfig
 from gateway.launch import resolve_model, started_backend, wait_healthy
-from profiles.build import build_profile
+from profiles.build import build_profile, read_trace
 from profiles.format import Profile
+
+
+#: The ProfilingExecutor's recorder flushes every 2 s (emu_executor.profiling.FLUSH_S); wait this long
+#: before counting a trace's steps.
+TRACE_FLUSH_WAIT_S = 2.5
 
 
 @dataclass
@@ -57,6 +74,8 @@ class SweepPlan:
     workload_requests: int = 100
     workload_rates: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
     capture_seed: int = 1000
+    warmup_requests: int = 60
+    warmup_rate: float = 2.0
 
     def grid(self) -> list[tuple[int, int]]:
         return [(c, l) for _ in range(self.repeats) for c in self.concurrency for l in self.prompt_lens
@@ -78,18 +97,21 @@ async def _post(client: httpx.AsyncClient, model: str, prompt, max_tokens: int, 
 
 
 async def run_grid(base_url: str, model: str, plan: SweepPlan, vocab_lo: int = 1000, vocab_hi: int = 100000,
-                   progress=None) -> None:
-    """Warm-up, then the grid phase (module docstring) against ``base_url``, streamed."""
-    rng = random.Random(plan.capture_seed)
-    grid = plan.grid()
-    task = progress.add_task("capture grid", total=len(grid)) if progress else None
+                   progress=None, warmup_only: bool = False) -> None:
+    """The grid phase (module docstring) against ``base_url``, streamed.
+
+    ``warmup_only``: send just the warm-up bursts (JIT compilation of new
+    shapes, allocator, caches) instead; :func:`capture` drops their steps.
+    """
+    rng = random.Random(plan.capture_seed + (500 if warmup_only else 0))
+    grid = [] if warmup_only else plan.grid()
+    task = progress.add_task("capture grid", total=len(grid)) if progress and grid else None
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
-        # warm-up (JIT compilation of new shapes, allocator, caches): its steps are
-        # dropped by build_profile's warmup_steps
-        for c, l in [(4, 512), (1, 64), (8, 128), (2, 1024)]:
-            await asyncio.gather(*(_post(client, model, [rng.randrange(vocab_lo, vocab_hi) for _ in range(l)], 48)
-                                   for _ in range(c)))
+        if warmup_only:
+            for c, l in [(4, 512), (1, 64), (8, 128), (2, 1024)]:
+                await asyncio.gather(*(_post(client, model, [rng.randrange(vocab_lo, vocab_hi) for _ in range(l)],
+                                             48, stream=True) for _ in range(c)))
         for c, l in grid:
             prompts = [[rng.randrange(vocab_lo, vocab_hi) for _ in range(l)] for _ in range(c)]
             await asyncio.gather(*(_post(client, model, p, plan.grid_output, stream=True) for p in prompts))
@@ -117,9 +139,27 @@ def run_workload(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str,
     return lens
 
 
+def warm_up_server(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str, prefix: Path,
+                   trace: Path) -> int:
+    """The capture's warm-up (module docstring); returns the number of steps it left in ``trace``."""
+    from loadtests.runner import run_locust
+    t0 = time.perf_counter()
+    asyncio.run(run_grid(base_url, model, plan, warmup_only=True))
+    if plan.warmup_requests:
+        run_locust(base_url, model, prefix.with_name(f"{prefix.name}.warmup.json"), rate=plan.warmup_rate,
+                   num_prompts=plan.warmup_requests, seed=plan.capture_seed + 500, tokenizer=tokenizer_dir)
+    time.sleep(TRACE_FLUSH_WAIT_S)
+    n = len(read_trace(trace)[1]["latency_us"])
+    print(f"[capture] warm-up: {n} steps in {time.perf_counter() - t0:.0f} s (left out of the profile)")
+    return n
+
+
 def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
-            warmup_steps: int = 200, log_file: str | Path | None = None) -> Profile:
-    """Start ``backend`` (mode real) with the ProfilingExecutor, sweep, stop it, build and save.
+            warmup_steps: int | None = None, log_file: str | Path | None = None) -> Profile:
+    """Start ``backend`` (mode real) with the ProfilingExecutor, warm up, sweep, stop it, build and save.
+
+    ``warmup_steps``: leading steps to drop; None (default) drops exactly the
+    warm-up's steps, counted from the trace when the warm-up ends.
 
     Raises:
         ValueError: the backend is not in real mode.
@@ -137,7 +177,10 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
     print(f"[capture] starting real vLLM for {b.name} (trace: {trace})")
     with started_backend(b, log_file, name=f"capture/{b.name}", grace_s=60) as (url, proc):
         waited = wait_healthy(url, proc)
-        print(f"[capture] server healthy after {waited:.0f} s; sweeping")
+        print(f"[capture] server healthy after {waited:.0f} s; warming up")
+        n_warm = warm_up_server(url, b.model_name, plan, resolve_model(b.model), trace.with_suffix(""), trace)
+        if warmup_steps is None:
+            warmup_steps = n_warm
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn()) as progress:
             asyncio.run(run_grid(url, b.model_name, plan, progress=progress))

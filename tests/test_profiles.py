@@ -180,3 +180,36 @@ def test_host_gap_is_drawn_from_recorded_gaps_and_delays_the_next_step():
     e1 = dev.submit(0.010)
     e2 = dev.submit(0.010, host_gap_s=0.005)
     assert e2 - e1 == pytest.approx(0.015, abs=1e-9)
+
+
+def test_validate_report_from_run_files(tmp_path):
+    """``validate --report-only`` rebuilds the CSV/markdown/PNG from run JSONs: the error is against
+    the mean of the two real runs and the noise is real2 - real1 over that mean (checked by hand)."""
+    import csv
+    import subprocess
+    import sys
+    from profiles.validate import METRIC_KEYS
+    base = {k: 100.0 for k in METRIC_KEYS}
+    runs = {"real": {**base, "mean_tpot_ms": 40.0}, "real2": {**base, "mean_tpot_ms": 44.0},
+            "emu": {**base, "mean_tpot_ms": 43.0, "output_throughput": 99.0}}
+    for name, r in runs.items():
+        (tmp_path / f"r0.5-b1.0-{name}.json").write_text(json.dumps(r))
+    p = subprocess.run([sys.executable, "-m", "profiles", "validate", "--config", "unused.toml",
+                        "--report-only", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 0, p.stderr
+    rows = {r["metric"]: r for r in csv.DictReader(open(tmp_path / "validate.csv"))}
+    assert float(rows["mean_tpot_ms"]["error_pct"]) == pytest.approx((43 - 42) / 42 * 100, abs=0.01)
+    assert float(rows["mean_tpot_ms"]["noise_pct"]) == pytest.approx((44 - 40) / 42 * 100, abs=0.01)
+    assert float(rows["output_throughput"]["error_pct"]) == pytest.approx(-1.0, abs=0.01)
+    assert float(rows["mean_ttft_ms"]["noise_pct"]) == 0.0
+    md = (tmp_path / "validate.md").read_text()
+    assert "| 0.5 | 1.0 |" in md and "+2.4 (+9.5)" in md
+    assert (tmp_path / "validate.png").stat().st_size > 1000
+    # no run files: a clear error, not a traceback
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = subprocess.run([sys.executable, "-m", "profiles", "validate", "--config", "unused.toml",
+                        "--report-only", "--out", str(empty)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 2 and "no r*-b*-emu.json runs" in p.stderr
