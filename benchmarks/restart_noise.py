@@ -26,7 +26,6 @@ import random
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from _common import ROOT
@@ -34,24 +33,10 @@ from _common import ROOT
 from gateway.config import load_config
 from gateway.launch import started_backend, wait_healthy
 from profiles.build import read_trace
+from profiles.capture import TRACE_FLUSH_WAIT_S, send_bursts
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 PROMPT_LEN, OUTPUT_LEN = 256, 96
-
-
-async def _probe(url: str, model: str, seed: int) -> None:
-    """One pass: for each concurrency C, C streamed requests decoding together."""
-    rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async def one(prompt):
-            body = {"model": model, "prompt": prompt, "max_tokens": OUTPUT_LEN, "ignore_eos": True,
-                    "temperature": 0, "stream": True}
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for _ in r.aiter_raw():
-                    pass
-        for c in CONCURRENCY:
-            await asyncio.gather(*(one([rng.randrange(1000, 100000) for _ in range(PROMPT_LEN)]) for _ in range(c)))
 
 
 def _medians(cols: dict[str, np.ndarray]) -> dict[int, float]:
@@ -72,6 +57,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     backend = load_config(a.config).backend(a.backend)
     table: list[tuple[int, int, dict[int, float]]] = []
+    probe = [(c, PROMPT_LEN, OUTPUT_LEN) for c in CONCURRENCY]  # one pass, in order
     for s in range(a.restarts):
         trace = out / f"start{s}.trace.jsonl"
         trace.unlink(missing_ok=True)
@@ -79,12 +65,12 @@ def main() -> None:
         t0 = time.perf_counter()
         with started_backend(b, out / f"start{s}.log") as (url, proc):
             wait_healthy(url, proc)
-            asyncio.run(_probe(url, b.model_name, seed=99))  # warm-up pass, not measured
+            asyncio.run(send_bursts(url, b.model_name, probe, random.Random(99)))  # warm-up pass, not measured
             for p in range(a.passes):
-                time.sleep(2.5)  # the recorder flushes every 2 s
+                time.sleep(TRACE_FLUSH_WAIT_S)
                 n0 = len(read_trace(trace)[1]["latency_us"])
-                asyncio.run(_probe(url, b.model_name, seed=p))
-                time.sleep(2.5)
+                asyncio.run(send_bursts(url, b.model_name, probe, random.Random(p)))
+                time.sleep(TRACE_FLUSH_WAIT_S)
                 cols = {k: v[n0:] for k, v in read_trace(trace)[1].items()}
                 table.append((s, p, _medians(cols)))
                 print(f"start {s} pass {p}: " + "  ".join(f"C={c} {m:.1f}" for c, m in table[-1][2].items())

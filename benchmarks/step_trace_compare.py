@@ -33,6 +33,7 @@ from gateway.config import load_config
 from gateway.launch import resolve_model, started_backend, wait_healthy
 from loadtests.runner import run_locust
 from profiles.build import read_trace
+from profiles.capture import TRACE_FLUSH_WAIT_S
 from profiles.format import Profile, resolve_profile
 from profiles.oracle import build_oracle, profile_features
 from profiles.validate import warm_up
@@ -49,11 +50,11 @@ def run_traced(backend, out: Path, a) -> tuple[dict, dict[str, np.ndarray]]:
     with started_backend(b, out / f"{b.name}.log") as (url, proc):
         wait_healthy(url, proc)
         warm_up(url, b.model_name, tok, out / f"{b.name}-warmup.json", 16, a.seed + 500)
-        time.sleep(2.5)  # the recorder flushes every 2 s
+        time.sleep(TRACE_FLUSH_WAIT_S)
         n0 = len(read_trace(trace)[1]["latency_us"])
         res = run_locust(url, b.model_name, out / f"{b.name}.json", rate=a.rate, burstiness=a.burstiness,
                          num_prompts=a.num_prompts, seed=a.seed, tokenizer=tok)
-        time.sleep(2.5)
+        time.sleep(TRACE_FLUSH_WAIT_S)
     cols = read_trace(trace)[1]
     return res, {k: v[n0:].astype(np.int64) for k, v in cols.items()}
 

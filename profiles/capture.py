@@ -82,41 +82,45 @@ class SweepPlan:
                 if c * l <= self.token_budget]
 
 
-async def _post(client: httpx.AsyncClient, model: str, prompt, max_tokens: int, stream: bool = False) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
-    if not stream:
-        r = await client.post("/v1/completions", json=body)
-        r.raise_for_status()
-        return
-    # streamed like real clients: the API server's per-token SSE work shares the
-    # host with the engine, and on a small CPU host that shows in the step times
-    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+async def _post(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> None:
+    """One completion, streamed like real clients: the API server's per-token SSE work shares the
+    host with the engine, and on a small CPU host that shows in the step times."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for _ in r.aiter_raw():
             pass
 
 
-async def run_grid(base_url: str, model: str, plan: SweepPlan, vocab_lo: int = 1000, vocab_hi: int = 100000,
-                   progress=None, warmup_only: bool = False) -> None:
-    """The grid phase (module docstring) against ``base_url``, streamed.
+#: The warm-up's bursts, (concurrency, prompt tokens, output tokens): new shapes for JIT
+#: compilation, the allocator and caches, before the Locust warm-up requests.
+WARMUP_BURSTS = [(4, 512, 48), (1, 64, 48), (8, 128, 48), (2, 1024, 48)]
 
-    ``warmup_only``: send just the warm-up bursts (JIT compilation of new
-    shapes, allocator, caches) instead; :func:`capture` drops their steps.
-    """
-    rng = random.Random(plan.capture_seed + (500 if warmup_only else 0))
-    grid = [] if warmup_only else plan.grid()
-    task = progress.add_task("capture grid", total=len(grid)) if progress and grid else None
+
+async def send_bursts(base_url: str, model: str, cells: list[tuple[int, int, int]], rng: random.Random,
+                  vocab_lo: int = 1000, vocab_hi: int = 100000, on_cell=None) -> None:
+    """For each (C, L, N) in ``cells``: C streamed requests of L random token ids (unique, so the
+    prefix cache never hits) sent together, each decoding N tokens; ``on_cell(C, L)`` after each."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
-        if warmup_only:
-            for c, l in [(4, 512), (1, 64), (8, 128), (2, 1024)]:
-                await asyncio.gather(*(_post(client, model, [rng.randrange(vocab_lo, vocab_hi) for _ in range(l)],
-                                             48, stream=True) for _ in range(c)))
-        for c, l in grid:
+        for c, l, n in cells:
             prompts = [[rng.randrange(vocab_lo, vocab_hi) for _ in range(l)] for _ in range(c)]
-            await asyncio.gather(*(_post(client, model, p, plan.grid_output, stream=True) for p in prompts))
-            if progress:
-                progress.update(task, advance=1, description=f"grid C={c} L={l}")
+            await asyncio.gather(*(_post(client, model, p, n) for p in prompts))
+            if on_cell:
+                on_cell(c, l)
+
+
+async def run_grid(base_url: str, model: str, plan: SweepPlan, progress=None) -> None:
+    """The grid phase (module docstring) against ``base_url``, streamed; ``progress``: a rich Progress."""
+    grid = plan.grid()
+    task = progress.add_task("capture grid", total=len(grid)) if progress else None
+
+    def on_cell(c: int, l: int) -> None:
+        if progress:
+            progress.update(task, advance=1, description=f"grid C={c} L={l}")
+    await send_bursts(base_url, model, [(c, l, plan.grid_output) for c, l in grid], random.Random(plan.capture_seed),
+                  on_cell=on_cell)
 
 
 def run_workload(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str, prefix: Path) -> list[int]:
@@ -144,7 +148,7 @@ def warm_up_server(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: st
     """The capture's warm-up (module docstring); returns the number of steps it left in ``trace``."""
     from loadtests.runner import run_locust
     t0 = time.perf_counter()
-    asyncio.run(run_grid(base_url, model, plan, warmup_only=True))
+    asyncio.run(send_bursts(base_url, model, WARMUP_BURSTS, random.Random(plan.capture_seed + 500)))
     if plan.warmup_requests:
         run_locust(base_url, model, prefix.with_name(f"{prefix.name}.warmup.json"), rate=plan.warmup_rate,
                    num_prompts=plan.warmup_requests, seed=plan.capture_seed + 500, tokenizer=tokenizer_dir)
