@@ -32,8 +32,7 @@ from _common import ROOT
 
 from gateway.config import load_config
 from gateway.launch import started_backend, wait_healthy
-from profiles.build import read_trace
-from profiles.capture import TRACE_FLUSH_WAIT_S, send_bursts
+from profiles.capture import send_bursts, steps_since, with_trace
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 PROMPT_LEN, OUTPUT_LEN = 256, 96
@@ -60,19 +59,15 @@ def main() -> None:
     probe = [(c, PROMPT_LEN, OUTPUT_LEN) for c in CONCURRENCY]  # one pass, in order
     for s in range(a.restarts):
         trace = out / f"start{s}.trace.jsonl"
-        trace.unlink(missing_ok=True)
-        b = backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
+        b = with_trace(backend, trace)
         t0 = time.perf_counter()
         with started_backend(b, out / f"start{s}.log") as (url, proc):
             wait_healthy(url, proc)
             asyncio.run(send_bursts(url, b.model_name, probe, random.Random(99)))  # warm-up pass, not measured
             for p in range(a.passes):
-                time.sleep(TRACE_FLUSH_WAIT_S)
-                n0 = len(read_trace(trace)[1]["latency_us"])
+                n0 = len(steps_since(trace)["latency_us"])
                 asyncio.run(send_bursts(url, b.model_name, probe, random.Random(p)))
-                time.sleep(TRACE_FLUSH_WAIT_S)
-                cols = {k: v[n0:] for k, v in read_trace(trace)[1].items()}
-                table.append((s, p, _medians(cols)))
+                table.append((s, p, _medians(steps_since(trace, n0))))
                 print(f"start {s} pass {p}: " + "  ".join(f"C={c} {m:.1f}" for c, m in table[-1][2].items())
                       + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
     print("\nmedian decode step (ms) per concurrency C")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,7 @@ from _common import ROOT
 from gateway.config import load_config
 from gateway.launch import resolve_model, started_backend, wait_healthy
 from loadtests.runner import run_locust
-from profiles.build import read_trace
-from profiles.capture import TRACE_FLUSH_WAIT_S
+from profiles.capture import steps_since, with_trace
 from profiles.format import Profile, resolve_profile
 from profiles.oracle import build_oracle, profile_features
 from profiles.validate import warm_up
@@ -44,19 +42,16 @@ BUCKETS = [(1, 4), (4, 8), (8, 16), (16, 24), (24, 1 << 20)]
 def run_traced(backend, out: Path, a) -> tuple[dict, dict[str, np.ndarray]]:
     """Serve ``backend`` with a step trace, warm up, run the point; (result JSON, measured-run step columns)."""
     trace = out / f"{backend.name}.trace.jsonl"
-    trace.unlink(missing_ok=True)
-    b = backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
+    b = with_trace(backend, trace)
     tok = resolve_model(b.model)
     with started_backend(b, out / f"{b.name}.log") as (url, proc):
         wait_healthy(url, proc)
         warm_up(url, b.model_name, tok, out / f"{b.name}-warmup.json", 16, a.seed + 500)
-        time.sleep(TRACE_FLUSH_WAIT_S)
-        n0 = len(read_trace(trace)[1]["latency_us"])
+        n0 = len(steps_since(trace)["latency_us"])
         res = run_locust(url, b.model_name, out / f"{b.name}.json", rate=a.rate, burstiness=a.burstiness,
                          num_prompts=a.num_prompts, seed=a.seed, tokenizer=tok)
-        time.sleep(TRACE_FLUSH_WAIT_S)
-    cols = read_trace(trace)[1]
-    return res, {k: v[n0:].astype(np.int64) for k, v in cols.items()}
+        cols = steps_since(trace, n0)
+    return res, {k: v.astype(np.int64) for k, v in cols.items()}
 
 
 def timeline(c: dict[str, np.ndarray]) -> dict[str, float]:

@@ -14,10 +14,13 @@ their mean, %).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+
+from _common import ROOT  # noqa: F401  (puts the project on sys.path)
+
+from profiles.validate import rows_from_dir
 
 METRICS = ["mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms", "output_throughput"]
 
@@ -26,22 +29,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", help="validate output folders (with r*-b*-{real,real2,emu}.json)")
     a = ap.parse_args()
-    tags = sorted({f.name.removesuffix("-emu.json") for d in a.dirs for f in Path(d).glob("r*-b*-emu.json")},
-                  key=lambda t: (-float(t.split("-b")[1]), float(t[1:].split("-b")[0])))
+    points: dict[tuple[float, float], list[dict]] = {}
+    for d in a.dirs:
+        for row in rows_from_dir(Path(d)):
+            points.setdefault((row["burst"], row["rate"]), []).append(row)
     print(f"{len(a.dirs)} validations pooled; % error of mean emulated vs mean of all real starts (real spread)")
     print("| rate | burstiness | real runs | " + " | ".join(m.replace("_ms", "") for m in METRICS) + " |")
     print("|---|---|---:|" + "---:|" * len(METRICS))
-    for tag in tags:
-        runs = {n: [json.loads((Path(d) / f"{tag}-{n}.json").read_text()) for d in a.dirs
-                    if (Path(d) / f"{tag}-{n}.json").exists()] for n in ("real", "real2", "emu")}
-        real = runs["real"] + runs["real2"]
+    for (burst, rate), rows in sorted(points.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         cells = []
         for m in METRICS:
-            r = np.array([x[m] for x in real])
-            e = np.mean([x[m] for x in runs["emu"]])
+            r = np.array([row[n][m] for row in rows for n in ("real", "real2")])
+            e = np.mean([row["emu"][m] for row in rows])
             cells.append(f"{(e - r.mean()) / r.mean() * 100:+.1f} ({(r.max() - r.min()) / r.mean() * 100:.1f})")
-        rate, burst = tag[1:].split("-b")
-        print(f"| {rate} | {burst} | {len(real)} | " + " | ".join(cells) + " |")
+        print(f"| {rate} | {burst} | {len(r)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

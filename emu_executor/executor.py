@@ -378,4 +378,3 @@ class EmulatedExecutor(Executor):
                 row_ids, row_lps = self.tokens.logprob_row(self.token_state.get(rid), toks[0], width)
                 ids[i], lps[i] = row_ids, row_lps
         return LogprobsLists(ids, lps, np.ones(len(req_ids), dtype=np.int32), None)
-

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from gateway.config import BackendConfig
 from gateway.launch import resolve_model, started_backend, wait_healthy
@@ -60,6 +61,20 @@ from profiles.format import Profile
 #: The ProfilingExecutor's recorder flushes every 2 s (emu_executor.profiling.FLUSH_S); wait this long
 #: before counting a trace's steps.
 TRACE_FLUSH_WAIT_S = 2.5
+
+
+def with_trace(backend: BackendConfig, trace: Path) -> BackendConfig:
+    """One replica of ``backend`` that records a fresh step trace at ``trace`` (an old file is removed)."""
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    trace.unlink(missing_ok=True)
+    return backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
+
+
+def steps_since(trace: Path, n0: int = 0) -> dict[str, np.ndarray]:
+    """Step columns of a live server's ``trace`` after its first ``n0`` steps, read once the
+    recorder has flushed (waits ``TRACE_FLUSH_WAIT_S``)."""
+    time.sleep(TRACE_FLUSH_WAIT_S)
+    return {k: v[n0:] for k, v in read_trace(trace)[1].items()}
 
 
 @dataclass
@@ -152,8 +167,7 @@ def warm_up_server(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: st
     if plan.warmup_requests:
         run_locust(base_url, model, prefix.with_name(f"{prefix.name}.warmup.json"), rate=plan.warmup_rate,
                    num_prompts=plan.warmup_requests, seed=plan.capture_seed + 500, tokenizer=tokenizer_dir)
-    time.sleep(TRACE_FLUSH_WAIT_S)
-    n = len(read_trace(trace)[1]["latency_us"])
+    n = len(steps_since(trace)["latency_us"])
     print(f"[capture] warm-up: {n} steps in {time.perf_counter() - t0:.0f} s (left out of the profile)")
     return n
 
@@ -175,9 +189,7 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     trace = Path(trace or out.with_suffix(".trace.jsonl"))
-    trace.parent.mkdir(parents=True, exist_ok=True)
-    trace.unlink(missing_ok=True)
-    b = backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
+    b = with_trace(backend, trace)
     print(f"[capture] starting real vLLM for {b.name} (trace: {trace})")
     with started_backend(b, log_file, name=f"capture/{b.name}", grace_s=60) as (url, proc):
         waited = wait_healthy(url, proc)

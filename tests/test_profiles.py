@@ -194,9 +194,12 @@ def test_validate_report_from_run_files(tmp_path):
             "emu": {**base, "mean_tpot_ms": 43.0, "output_throughput": 99.0}}
     for name, r in runs.items():
         (tmp_path / f"r0.5-b1.0-{name}.json").write_text(json.dumps(r))
-    p = subprocess.run([sys.executable, "-m", "profiles", "validate", "--config", "unused.toml",
-                        "--report-only", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parent.parent)
+
+    def report_only(out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "profiles", "validate", "--config", "unused.toml",
+                               "--report-only", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parent.parent)
+    p = report_only(tmp_path)
     assert p.returncode == 0, p.stderr
     rows = {r["metric"]: r for r in csv.DictReader(open(tmp_path / "validate.csv"))}
     assert float(rows["mean_tpot_ms"]["error_pct"]) == pytest.approx((43 - 42) / 42 * 100, abs=0.01)
@@ -209,7 +212,5 @@ def test_validate_report_from_run_files(tmp_path):
     # no run files: a clear error, not a traceback
     empty = tmp_path / "empty"
     empty.mkdir()
-    p = subprocess.run([sys.executable, "-m", "profiles", "validate", "--config", "unused.toml",
-                        "--report-only", "--out", str(empty)], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parent.parent)
+    p = report_only(empty)
     assert p.returncode == 2 and "no r*-b*-emu.json runs" in p.stderr
