@@ -3,10 +3,14 @@
     python -m gateway --config config.example.toml          # run
     python -m gateway --config config.toml --check          # validate only
 
-The gateway starts every ``[[backends]]`` replica as a vLLM server process,
-waits until each model has a healthy replica, then listens on
-``[gateway].host:port``. Ctrl-C (SIGINT) or SIGTERM stops the gateway and
-every vLLM process it started.
+The gateway listens on ``[gateway].host:port`` at once and starts every
+``[[backends]]`` replica as a vLLM server process; ``/health`` (liveness) is
+200 from the start, ``/ready`` (readiness) once every model has a ready
+replica, and a request for a model still starting gets 503 with Retry-After.
+Ctrl-C (SIGINT) or SIGTERM stops taking new connections, lets requests in
+flight finish for up to ``drain_timeout_s``, then stops every vLLM process
+it started. If every replica fails to start, the gateway exits with code 1
+after logging each one's last log lines.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in cfg.backends:
                 if b.mode == "emulate":
                     resolve_profile(b.profile)
+        cfg.gateway.resolved_api_keys()
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,11 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
     from gateway.proxy import create_app
+    from gateway.server import deadline_protocol
     print(describe(cfg), file=sys.stderr)
-    app = create_app(cfg, launch=not args.no_launch)
-    uvicorn.run(app, host=cfg.gateway.host, port=cfg.gateway.port, loop="uvloop", http="httptools",
-                access_log=False, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(msg: str) -> None:
+        fatal.append(msg)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(cfg, launch=not args.no_launch, on_fatal=on_fatal)
+    g = cfg.gateway
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=g.host, port=g.port, loop="uvloop", http=deadline_protocol(g.header_timeout_s),
+        access_log=False, log_level=args.log_level, timeout_graceful_shutdown=g.drain_timeout_s))
+    server.run()
+    if fatal:
+        print(f"error: {fatal[0]}; see the log lines above. Fix the backend's settings "
+              f"(`python -m gateway --config {args.config} --check` validates the file).", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

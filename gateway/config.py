@@ -9,6 +9,7 @@ the key and the file in every error::
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -25,18 +26,59 @@ class _Strict(BaseModel):
 
 
 class GatewaySettings(_Strict):
-    """``[gateway]``: where the gateway listens and how it routes."""
+    """``[gateway]``: where the gateway listens, how it routes, its limits and its keys.
+
+    Times are in seconds, sizes in bytes. Defaults are sized for long-context
+    prompts (32 MiB bodies: a 128k-token prompt is ~0.5 MiB of text, a chat
+    with images as data URLs a few MiB) and for multi-minute generations.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth")
+    api_keys_env: str | None = Field(None, description="environment variable holding more keys (comma-separated)")
+    api_keys_file: str | None = Field(None, description="file holding more keys, one per line ('#' comments)")
+    metrics_require_key: bool = Field(True, description="with keys set, /metrics needs one too")
     routing: Literal["least_outstanding", "kv_aware", "prefix_affinity", "session_affinity"] = "least_outstanding"
     connect_timeout_s: float = Field(5.0, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0, description="whole upstream request, seconds")
-    startup_timeout_s: float = Field(900.0, gt=0, description="max wait for a backend's /health at start")
+    request_timeout_s: float = Field(600.0, gt=0, description="whole request, from its first byte to its last")
+    idle_timeout_s: float = Field(300.0, gt=0, description="longest silence from a replica mid-response")
+    header_timeout_s: float = Field(10.0, gt=0, description="client must send its request headers within this")
+    body_timeout_s: float = Field(60.0, gt=0, description="client must send its whole request body within this")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, let in-flight requests finish this long")
+    startup_timeout_s: float = Field(900.0, gt=0, description="a replica not healthy this long after its start "
+                                                              "is stopped and marked failed")
+    max_start_failures: int = Field(3, ge=1, description="a replica that exits this many times in a row "
+                                                         "without becoming ready is marked failed")
     queue_limit: int = Field(0, ge=0, description="max in-flight requests through the gateway; 0: unlimited")
     metrics_poll_s: float = Field(1.0, gt=0, description="how often backends' /metrics are read (kv_aware)")
     log_requests: bool = False
+
+    def resolved_api_keys(self) -> list[str]:
+        """Every accepted key: ``api_keys`` plus those in ``api_keys_env`` and ``api_keys_file``.
+
+        Raises:
+            ConfigError: the variable is unset or empty, or the file cannot be read.
+        """
+        keys = list(self.api_keys)
+        if self.api_keys_env:
+            val = os.environ.get(self.api_keys_env, "")
+            more = [k.strip() for k in val.split(",") if k.strip()]
+            if not more:
+                raise ConfigError(f"gateway.api_keys_env: the environment variable {self.api_keys_env} "
+                                  "is unset or empty (set it to one or more comma-separated keys)")
+            keys += more
+        if self.api_keys_file:
+            try:
+                lines = Path(self.api_keys_file).expanduser().read_text().splitlines()
+            except OSError as e:
+                raise ConfigError(f"gateway.api_keys_file: cannot read {self.api_keys_file}: {e.strerror}") from None
+            more = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            if not more:
+                raise ConfigError(f"gateway.api_keys_file: {self.api_keys_file} holds no key")
+            keys += more
+        return keys
 
 
 class BackendConfig(_Strict):
@@ -78,6 +120,9 @@ class BackendConfig(_Strict):
             raise ValueError("`profile` applies to mode = 'emulate' only (use capture_trace to record one)")
         if self.ports is not None and len(self.ports) != self.replicas:
             raise ValueError(f"ports lists {len(self.ports)} ports for {self.replicas} replicas")
+        if any(a == "--api-key" or a.startswith("--api-key=") for a in self.extra_args):
+            raise ValueError("extra_args must not set --api-key: the gateway gives each replica its own "
+                             "generated key; set client keys in [gateway].api_keys")
         if self.gpu_ids is not None and len(self.gpu_ids) != self.replicas:
             raise ValueError(f"gpu_ids lists {len(self.gpu_ids)} entries for {self.replicas} replicas")
         return self

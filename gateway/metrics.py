@@ -10,20 +10,34 @@ Own metrics (``emugate_*``), labelled by backend:
   ``no_replica``, ``unknown_model``, ``bad_request``, ``queue_full``, ``auth``;
 * ``emugate_added_latency_seconds{backend}``: time the gateway adds to a
   request: from receiving it to sending it upstream, plus from upstream's
-  response headers to ours (seconds; upstream's own time excluded).
+  response headers to ours (seconds; upstream's own time excluded);
+* ``emugate_ttft_seconds{backend}`` and ``emugate_itl_seconds{backend}``:
+  for streamed (SSE) 200 responses, as the gateway sees them: from the end of
+  the client's request body to the first body chunk sent back, and between
+  consecutive body chunks (one SSE event per chunk as vLLM frames them), in
+  seconds. They include the replica's time: the client-side view, per backend.
 
-``relabel_vllm_metrics`` rewrites a replica's exposition so each ``vllm:*``
-sample carries ``backend``, ``replica`` and ``mode`` labels, and keeps one
-``# HELP``/``# TYPE`` line per family across replicas.
+:func:`merge_vllm_metrics` parses every replica's exposition with
+``prometheus_client``'s parser, adds ``backend``, ``replica`` and ``mode``
+labels to each ``vllm:*`` sample and writes each family once, all replicas'
+samples together (a family split into several blocks is invalid exposition
+text that strict Prometheus/OpenMetrics parsers reject).
 """
 from __future__ import annotations
 
-import re
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 ADDED_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
                          0.0075, 0.01, 0.025, 0.05, 0.1)
+#: Seconds; vLLM's own TTFT buckets (vllm/v1/metrics/loggers.py) cover 1 ms to 2560 s.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0)
+#: Seconds; vLLM's inter-token-latency buckets (same file).
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+               0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 class GatewayMetrics:
@@ -40,37 +54,54 @@ class GatewayMetrics:
         self.added_latency = Histogram("emugate_added_latency_seconds",
                                        "Latency the gateway adds per request (seconds)", ["backend"],
                                        buckets=ADDED_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("emugate_ttft_seconds", "Time to first streamed chunk seen at the gateway (seconds)",
+                              ["backend"], buckets=TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram("emugate_itl_seconds", "Gap between streamed chunks seen at the gateway (seconds)",
+                             ["backend"], buckets=ITL_BUCKETS, registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-_SAMPLE = re.compile(r"^(vllm:[A-Za-z0-9_:]+)(\{([^}]*)\})?(\s.*)$")
-_META = re.compile(r"^# (HELP|TYPE) (vllm:[A-Za-z0-9_:]+)")
+class _Families:
+    """A collector over pre-built metric families (what :func:`merge_vllm_metrics` assembles)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self):
+        return self._families
 
 
-def relabel_vllm_metrics(text: str, labels: dict[str, str], seen_meta: set[str]) -> list[str]:
-    """Lines of ``text`` for ``vllm:*`` families with ``labels`` added to each sample.
+def merge_vllm_metrics(texts: list[tuple[dict[str, str], str]]) -> bytes:
+    """One valid exposition of the ``vllm:*`` families of several replicas.
 
-    ``seen_meta`` collects (HELP/TYPE, family) already emitted, so merging
-    several replicas yields each family's metadata once.
+    Args:
+        texts: (extra labels, exposition text) per replica, e.g.
+            ``({"backend": "emu", "replica": "0", "mode": "emulate"}, text)``.
+
+    Returns:
+        Prometheus text format (0.0.4), each family's HELP/TYPE once and all
+        its samples after them. A replica whose text does not parse is left
+        out (its scrape counts as failed, the rest are served).
     """
-    extra = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    out = []
-    for line in text.splitlines():
-        m = _META.match(line)
-        if m:
-            key = f"{m.group(1)} {m.group(2)}"
-            if key not in seen_meta:
-                seen_meta.add(key)
-                out.append(line)
+    merged: dict[str, Metric] = {}
+    for labels, text in texts:
+        try:
+            fams = list(text_string_to_metric_families(text))
+        except (ValueError, IndexError, TypeError):
             continue
-        m = _SAMPLE.match(line)
-        if m:
-            name, _, inner, rest = m.groups()
-            lab = f"{extra},{inner}" if inner else extra
-            out.append(f"{name}{{{lab}}}{rest}")
-    return out
+        for fam in fams:
+            if not fam.name.startswith("vllm:"):
+                continue
+            m = merged.get(fam.name)
+            if m is None:
+                m = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for smp in fam.samples:
+                m.samples.append(Sample(smp.name, {**labels, **smp.labels}, smp.value, smp.timestamp, smp.exemplar))
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Families(list(merged.values())))
+    return generate_latest(reg)
 
 
 def scrape_value(text: str, family: str) -> float | None:

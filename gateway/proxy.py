@@ -5,57 +5,94 @@ Routes:
 * ``POST /v1/*`` and vLLM's other model paths (``/tokenize``, ``/detokenize``,
   ``/pooling``, ``/score``, ``/rerank``...): routed by the body's ``model``
   (the only served model when the body names none); an unknown model gets
-  OpenAI's 404 error JSON.
-* ``GET /v1/models``: the union of every backend's model list.
-* ``GET /health``: 200 when every model has a ready replica, else 503.
+  OpenAI's 404 error JSON; a model with no ready replica gets 503 with
+  ``Retry-After``.
+* ``GET /v1/models``: the union of every ready replica's model list.
+* ``GET /health``: liveness, 200 while the gateway process is sound (with each
+  replica's state in the body); ``GET /ready``: readiness, 200 when every
+  model (or ``?model=NAME``) has a ready replica, else 503, per model.
 * ``GET /metrics``: the gateway's metrics plus each ready replica's
-  ``vllm:*`` metrics labelled by backend, replica and mode.
+  ``vllm:*`` metrics labelled by backend, replica and mode (one valid
+  exposition: :func:`gateway.metrics.merge_vllm_metrics`).
+
+Security boundary:
+
+* Keys: with ``api_keys`` (or ``api_keys_env``/``api_keys_file``) set, every
+  ``/v1`` route, every model path and, unless ``metrics_require_key = false``,
+  ``/metrics`` need ``Authorization: Bearer <key>`` (scheme case-insensitive;
+  compared as SHA-256 digests with :func:`hmac.compare_digest` against every
+  key, so the time does not depend on where a guess differs). ``/health`` and
+  ``/ready`` stay open for probes. The client's ``Authorization`` is never
+  forwarded: each replica has its own generated key (the supervisor's), sent
+  by the gateway alone.
+* Input: bodies over ``max_body_bytes`` get 413 (from ``Content-Length``
+  before reading, else while reading); headers not complete within
+  ``header_timeout_s`` and bodies not complete within ``body_timeout_s`` get
+  408 (:mod:`gateway.server`); bodies over 256 KiB are parsed in a worker
+  thread, and nesting too deep for the parser is a 400, not a 500. Every
+  error the gateway itself writes is OpenAI's error JSON naming the request id.
+* Isolation: the hop to the replica is aiohttp (:mod:`gateway.upstream`): 1xx
+  interim responses are skipped, ``Expect`` and hop-by-hop headers are not
+  forwarded, and a connection goes back to the pool only after its whole
+  response was read, so no response can reach another client.
 
 Transparency: status, headers (less hop-by-hop ones) and body bytes come
 back as vLLM sent them; a streamed response is forwarded one upstream HTTP
-chunk at a time (:mod:`gateway.upstream` reports each chunk's end), so SSE
-chunk boundaries and their timing are kept; a response with Content-Length
-is answered in one piece with the same length. The forwarding route is a
-plain ASGI callable (no Request/Response objects on the hot path) using one
-pool of keep-alive connections (:class:`gateway.upstream.UpstreamPool`, a
-lean httptools client: see its docstring and benchmarks/gateway_overhead.py).
+chunk at a time, so SSE chunk boundaries and their timing are kept; a
+response with Content-Length is answered in one piece with the same length.
+``X-Request-Id``: the client's (up to 128 of ``[A-Za-z0-9._:-]``) or a new
+one, returned on every response and named in the gateway's error bodies and
+log lines; it is not sent to vLLM (a client could otherwise collide with
+another client's request id inside the engine).
 
-Failures: a replica that refuses the connection (or drops it before any
-response) is retried on another ready replica: nothing has reached the client
-yet. Once bytes have been sent, an upstream failure ends a stream with an SSE
-``error`` event in OpenAI's error shape (clients raise instead of hanging).
+Lifecycle of one request: the whole exchange has ``request_timeout_s`` from
+its first byte; a client that disconnects at any point (before the replica
+answered, or mid-stream) cancels the upstream request, whose connection is
+then closed, so vLLM aborts it. Past the deadline: 504 if nothing was sent
+yet, else an SSE ``error`` event ends the stream. A replica that refuses the
+connection, or drops it before answering, is retried on another ready replica
+(nothing has reached the client yet). Once bytes have been sent, an upstream
+failure ends a stream with an SSE ``error`` event in OpenAI's error shape.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import re
 import time
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.config import Config
-from gateway.metrics import GatewayMetrics, relabel_vllm_metrics, scrape_value
+from gateway.metrics import GatewayMetrics, merge_vllm_metrics, scrape_value
 from gateway.routing import affinity_key, pick
 from gateway.supervisor import Replica, Supervisor
-from gateway.upstream import ConnectError, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import forward_headers, http_chunks, make_session, response_headers
 
 log = logging.getLogger("emugate.proxy")
 
-_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
-        b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization"}
-_RESP_SKIP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
 MODEL_PATHS = ("/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify", "/invocations")
+#: Bodies larger than this (bytes) are parsed in a worker thread, off the event loop.
+PARSE_OFF_LOOP_BYTES = 256 * 1024
+_RID_OK = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
-def error_body(message: str, type_: str, code: int | str, param: str | None = None) -> bytes:
-    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
+def error_body(message: str, type_: str, code: int | str, param: str | None = None,
+               request_id: str | None = None) -> bytes:
+    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}; the request id ends the message."""
+    if request_id:
+        message = f"{message} (request id {request_id})"
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
@@ -64,6 +101,97 @@ async def _send_json(send, status: int, body: bytes, extra_headers: list | None 
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())] + (extra_headers or [])})
     await send({"type": "http.response.body", "body": body})
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The client's ``X-Request-Id`` if well-formed (1-128 of ``[A-Za-z0-9._:-]``), else a new uuid4 hex."""
+    for k, v in headers:
+        if k == b"x-request-id" and _RID_OK.fullmatch(v):
+            return v
+    return uuid.uuid4().hex.encode()
+
+
+class ApiKeys:
+    """The accepted client keys, checked in constant time.
+
+    Each key is kept as its SHA-256 digest; a presented token is hashed and
+    compared with :func:`hmac.compare_digest` against every digest, with no
+    early exit, so timing reveals neither which key nor which byte differs
+    (the scheme vLLM's own middleware uses: vllm/entrypoints/serve/middleware/
+    authenticate.py).
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def check(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """True when ``Authorization: Bearer <key>`` (scheme case-insensitive) names an accepted key."""
+        value = next((v for k, v in headers if k == b"authorization"), b"")
+        scheme, _, token = value.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        digest = hashlib.sha256(token.strip()).digest()
+        ok = False
+        for d in self._digests:
+            ok |= hmac.compare_digest(digest, d)
+        return ok
+
+
+class _Reject(Exception):
+    """A request the gateway answers itself: status, OpenAI error fields, extra headers."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
+                 kind: str = "bad_request", headers: list | None = None, close: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.kind = status, message, type_, param, kind
+        self.headers = list(headers or [])
+        if close:
+            self.headers.append((b"connection", b"close"))
+
+
+class _ClientGone(Exception):
+    """The client disconnected while the gateway was reading its request."""
+
+
+def _parse_json(body: bytes) -> Any:
+    """``json.loads`` that raises :class:`_Reject` (400) for invalid, non-UTF-8 or too deeply nested JSON."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise _Reject(400, "The request body nests JSON too deeply to parse", "BadRequestError") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _Reject(400, f"The request body is not valid JSON: {e}", "BadRequestError") from None
+
+
+class _Exchange:
+    """What has been sent to the client so far (the deadline handler needs it)."""
+
+    __slots__ = ("send", "started", "is_sse", "finished")
+
+    def __init__(self, send) -> None:
+        self.send = send
+        self.started = False
+        self.is_sse = False
+        self.finished = False
+
+    async def start(self, status: int, headers: list) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes, more: bool) -> None:
+        if not more:
+            self.finished = True
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+async def _until_disconnect(receive) -> None:
+    # the request body has been read, so receive() now returns only when the
+    # client disconnects (or after our response completed)
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class Forwarder:
@@ -75,53 +203,39 @@ class Forwarder:
     async def __call__(self, scope, receive, send) -> None:
         gw = self.gw
         t_recv = time.perf_counter()
+        deadline = time.monotonic() + gw.config.gateway.request_timeout_s
         headers = scope["headers"]
-        if gw.api_keys:
-            auth = next((v for k, v in headers if k == b"authorization"), b"")
-            if auth.removeprefix(b"Bearer ").decode(errors="replace") not in gw.api_keys:
-                gw.metrics.errors.labels("-", "auth").inc()
-                return await _send_json(send, 401, error_body(
-                    "Invalid or missing API key: send `Authorization: Bearer <key>` with a key from "
-                    "the gateway config's [gateway].api_keys", "authentication_error", "invalid_api_key"))
-        chunks = []
-        more = True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            more = msg.get("more_body", False)
-        body = b"".join(chunks)
-        data: Any = None
-        if body:
-            try:
-                data = json.loads(body)
-            except ValueError as e:
-                gw.metrics.errors.labels("-", "bad_request").inc()
-                return await _send_json(send, 400, error_body(
-                    f"The request body is not valid JSON: {e}", "BadRequestError", 400))
-        model = data.get("model") if isinstance(data, dict) else None
-        if model is None:
-            if len(gw.supervisor.replicas) == 1:
-                model = next(iter(gw.supervisor.replicas))
-            else:
-                gw.metrics.errors.labels("-", "bad_request").inc()
-                return await _send_json(send, 400, error_body(
-                    f"The request names no `model`; this gateway serves {sorted(gw.supervisor.replicas)}",
-                    "invalid_request_error", 400, "model"))
-        replicas = gw.supervisor.replicas.get(model) if isinstance(model, str) else None
-        if replicas is None:
-            gw.metrics.errors.labels("-", "unknown_model").inc()
-            return await _send_json(send, 404, error_body(
-                f"The model `{model}` does not exist. Served models: {sorted(gw.supervisor.replicas)}",
-                "NotFoundError", 404, "model"))
+        rid = request_id(headers)
+        rid_s = rid.decode()
+        rid_hdr = [(b"x-request-id", rid)]
+        try:
+            if gw.api_keys and not gw.api_keys.check(headers):
+                raise _Reject(401, "Invalid or missing API key: send `Authorization: Bearer <key>` with a key from "
+                                   "the gateway config's [gateway] api_keys", "authentication_error",
+                              kind="auth")
+            body = await self._read_body(receive, headers)
+            data: Any = None
+            if body:
+                if len(body) > PARSE_OFF_LOOP_BYTES:
+                    data = await asyncio.to_thread(_parse_json, body)
+                else:
+                    data = _parse_json(body)
+            model, replicas = self._route(data)
+        except _ClientGone:
+            gw.metrics.errors.labels("-", "client_disconnect").inc()
+            return
+        except _Reject as r:
+            gw.metrics.errors.labels("-", r.kind).inc()
+            code = r.status if r.type != "authentication_error" else "invalid_api_key"
+            return await _send_json(send, r.status, error_body(r.message, r.type, code, r.param, rid_s),
+                                    r.headers + rid_hdr)
         backend = replicas[0].backend.name
         if gw.queue_limit and gw.in_flight >= gw.queue_limit:
             gw.metrics.errors.labels(backend, "queue_full").inc()
             return await _send_json(send, 429, error_body(
                 f"The gateway has {gw.in_flight} requests in flight (queue_limit {gw.queue_limit}); retry later",
-                "RateLimitError", 429), [(b"retry-after", b"1")])
-        hdrs = [(k, v) for k, v in headers if k not in _HOP]
+                "RateLimitError", 429, request_id=rid_s), [(b"retry-after", b"1")] + rid_hdr)
+        hdrs = forward_headers(headers)
         key = None
         if gw.routing in ("prefix_affinity", "session_affinity"):
             hmap = {k.decode(): v.decode(errors="replace") for k, v in hdrs}
@@ -129,123 +243,225 @@ class Forwarder:
         path = scope["raw_path"].decode() if scope.get("raw_path") else scope["path"]
         if scope.get("query_string") and "?" not in path:
             path += "?" + scope["query_string"].decode()
-        tried: set[int] = set()
+        ex = _Exchange(send)
         series = gw.children(backend)
         gw.in_flight += 1
         series.in_flight.inc()
+        fwd = asyncio.ensure_future(self._dispatch(ex, replicas, model, key, scope["method"], path, body, hdrs,
+                                                   t_recv, backend, rid))
+        watch = asyncio.ensure_future(_until_disconnect(receive))
         try:
-            while True:
-                r = pick(replicas, gw.routing, key, tried)
-                if r is None:
-                    gw.metrics.errors.labels(backend, "no_replica").inc()
-                    return await _send_json(send, 503, error_body(
-                        f"No ready replica for model `{model}` (starting or restarting); retry shortly",
-                        "ServiceUnavailableError", 503), [(b"retry-after", b"2")])
-                tried.add(id(r))
-                r.outstanding += 1
-                try:
-                    done = await self._forward(r, scope["method"], path, body, hdrs, send, receive, t_recv,
-                                               backend)
-                finally:
-                    r.outstanding -= 1
-                if done:
-                    return
+            done, _ = await asyncio.wait((fwd, watch), timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if fwd in done:
+                fwd.result()
+            elif watch in done:  # the client left: cancelling closes the upstream connection, vLLM aborts
+                gw.metrics.errors.labels(backend, "client_disconnect").inc()
+                log.info("request %s: client disconnected; upstream request cancelled", rid_s)
+            else:
+                gw.metrics.errors.labels(backend, "timeout").inc()
+                fwd.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fwd
+                log.warning("request %s: request_timeout_s (%.0f s) reached; upstream request cancelled", rid_s,
+                            gw.config.gateway.request_timeout_s)
+                await self._fail(ex, 504, f"The request did not complete within request_timeout_s "
+                                          f"({gw.config.gateway.request_timeout_s:g} s)", "GatewayTimeoutError",
+                                 rid)
         finally:
+            for t in (fwd, watch):
+                if not t.done():
+                    t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fwd
             gw.in_flight -= 1
             series.in_flight.dec()
 
-    async def _forward_whole(self, r: Replica, resp: UpstreamResponse, out_headers: list, length: bytes, send,
-                             t_sent: float, t_recv: float, t_head: float, backend: str) -> bool:
-        """A response with Content-Length (not streamed): read it, answer in one send."""
-        gw = self.gw
-        try:
-            data = await resp.read()
-        except (UpstreamError, asyncio.TimeoutError) as e:
-            gw.metrics.errors.labels(backend, "stream").inc()
-            resp.close()
-            await _send_json(send, 502, error_body(f"The backend replica {r.name} failed while sending this "
-                                                   f"response ({e})", "BadGatewayError", 502))
-            return True
-        resp.release()
-        out_headers.append((b"content-length", length))
-        t0 = time.perf_counter()
-        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-        await send({"type": "http.response.body", "body": data})
-        gw.children(backend).observe((t_sent - t_recv) + (t0 - t_head), resp.status)
-        return True
+    async def _read_body(self, receive, headers) -> bytes:
+        """The whole request body within ``max_body_bytes`` and ``body_timeout_s``.
 
-    async def _forward(self, r: Replica, method: str, path: str, body: bytes, hdrs: list, send, receive,
-                       t_recv: float, backend: str) -> bool:
-        """Forward to ``r``; False means "not reached, try another replica"."""
+        Raises:
+            _Reject: 413 (too large; decided from Content-Length before
+                reading when it is declared) or 408 (too slow).
+            _ClientGone: the client disconnected.
+        """
+        g = self.gw.config.gateway
+        limit = g.max_body_bytes
+        declared = next((v for k, v in headers if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _Reject(413, f"The request body is {int(declared)} bytes; this gateway accepts at most {limit} "
+                               "(max_body_bytes)", "invalid_request_error", kind="too_large")
+        msg = await receive()  # the usual case: the whole body is already here
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone
+        if not msg.get("more_body", False):
+            body = msg.get("body", b"")
+            if len(body) > limit:
+                raise _Reject(413, f"The request body exceeds {limit} bytes (max_body_bytes)",
+                              "invalid_request_error", kind="too_large")
+            return body
+        chunks = [msg.get("body", b"")]
+        n = len(chunks[0])
+        try:
+            async with asyncio.timeout(g.body_timeout_s):
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        raise _ClientGone
+                    b = msg.get("body", b"")
+                    n += len(b)
+                    if n > limit:
+                        raise _Reject(413, f"The request body exceeds {limit} bytes (max_body_bytes)",
+                                      "invalid_request_error", kind="too_large")
+                    chunks.append(b)
+                    if not msg.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise _Reject(408, f"The request body did not arrive within body_timeout_s ({g.body_timeout_s:g} s)",
+                          "invalid_request_error", kind="timeout", close=True) from None
+
+    def _route(self, data: Any) -> tuple[str, list[Replica]]:
+        """(model, its replicas) for a parsed body; raises :class:`_Reject` (400 / 404)."""
+        reps = self.gw.supervisor.replicas
+        model = data.get("model") if isinstance(data, dict) else None
+        if model is None:
+            if len(reps) == 1:
+                model = next(iter(reps))
+            else:
+                raise _Reject(400, f"The request names no `model`; this gateway serves {sorted(reps)}",
+                              "invalid_request_error", "model")
+        replicas = reps.get(model) if isinstance(model, str) else None
+        if replicas is None:
+            shown = model if isinstance(model, str) and len(model) <= 200 else f"{str(model)[:200]}..."
+            raise _Reject(404, f"The model `{shown}` does not exist. Served models: {sorted(reps)}",
+                          "NotFoundError", "model", kind="unknown_model")
+        return model, replicas
+
+    async def _fail(self, ex: _Exchange, status: int, message: str, type_: str, rid: bytes) -> None:
+        """End the exchange with an error: JSON if nothing was sent, else an SSE error event (or cut the body)."""
+        body = error_body(message, type_, status, request_id=rid.decode())
+        if not ex.started:
+            await _send_json(ex.send, status, body, [(b"x-request-id", rid)])
+        elif ex.finished:
+            return
+        elif ex.is_sse:
+            await ex.body(b"data: " + body + b"\n\n", more=False)
+        else:
+            # a non-SSE body cut short: end it without the terminating chunk, so the client sees truncation
+            raise ConnectionAbortedError(message)
+
+    async def _dispatch(self, ex: _Exchange, replicas: list[Replica], model: str, key: str | None, method: str,
+                        path: str, body: bytes, hdrs: list, t_recv: float, backend: str, rid: bytes) -> None:
+        """Pick replicas until one answers; retries only where nothing reached the client or a replica."""
         gw = self.gw
+        tried: set[int] = set()
+        while True:
+            r = pick(replicas, gw.routing, key, tried)
+            if r is None:
+                gw.metrics.errors.labels(backend, "no_replica").inc()
+                msg = f"No ready replica for model `{model}` (starting or restarting); retry shortly"
+                await _send_json(ex.send, 503, error_body(msg, "ServiceUnavailableError", 503,
+                                                          request_id=rid.decode()),
+                                 [(b"retry-after", b"2"), (b"x-request-id", rid)])
+                return
+            tried.add(id(r))
+            r.outstanding += 1
+            try:
+                for attempt in (0, 1):
+                    outcome = await self._forward(ex, r, method, path, body, hdrs, t_recv, backend, rid)
+                    if outcome != "disconnected" or attempt == 1:
+                        break
+                    # the replica closed a pooled connection before answering: once more, on a fresh one
+            finally:
+                r.outstanding -= 1
+            if outcome == "done":
+                return
+
+    async def _forward(self, ex: _Exchange, r: Replica, method: str, path: str, body: bytes, hdrs: list,
+                       t_recv: float, backend: str, rid: bytes) -> str:
+        """Forward to ``r``. Returns "done", or "unreachable"/"disconnected" when nothing was answered."""
+        gw = self.gw
+        rid_s = rid.decode()
+        up_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in hdrs]
+        if r.api_key:
+            up_headers.append(("Authorization", f"Bearer {r.api_key}"))
         t_sent = time.perf_counter()
         try:
-            resp = await gw.upstream.request(r.host, r.port, method, path, hdrs, body)
-        except ConnectError as e:
+            resp = await gw.upstream.request(method, r.url + path, data=body, headers=up_headers,
+                                             allow_redirects=False, compress=None, chunked=None)
+        except aiohttp.ClientConnectorError as e:
             gw.metrics.errors.labels(backend, "connect").inc()
-            log.warning("%s unreachable (%s); trying another replica", r.name, e)
-            return False
-        except (UpstreamError, asyncio.TimeoutError) as e:
-            gw.metrics.errors.labels(backend, "timeout" if isinstance(e, asyncio.TimeoutError) else "stream").inc()
-            await _send_json(send, 504 if isinstance(e, asyncio.TimeoutError) else 502, error_body(
-                f"Replica {r.name} failed before answering ({e})", "BadGatewayError", 502))
-            return True
-        t_head = time.perf_counter()
-        out_headers = [(k, v) for k, v in resp.headers if k.lower() not in _RESP_SKIP]
-        ctype = resp.header(b"content-type") or b""
-        is_sse = ctype.startswith(b"text/event-stream")
-        length = resp.header(b"content-length")
-        if length is not None and not resp.chunked and not is_sse:
-            return await self._forward_whole(r, resp, out_headers, length, send, t_sent, t_recv, t_head, backend)
-        started = False
-        client_gone = False
-
-        async def watch_disconnect() -> None:
-            # the body is consumed, so receive() now returns only on disconnect:
-            # close upstream so vLLM aborts the request instead of generating for nobody
-            nonlocal client_gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            client_gone = True
-            resp.close()
-
-        watcher = asyncio.create_task(watch_disconnect())
+            log.warning("request %s: %s unreachable (%s); trying another replica", rid_s, r.name, e)
+            return "unreachable"
+        except aiohttp.ServerDisconnectedError as e:
+            gw.metrics.errors.labels(backend, "connect").inc()
+            log.warning("request %s: %s closed the connection before answering (%s)", rid_s, r.name, e)
+            return "disconnected"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            timeout = isinstance(e, asyncio.TimeoutError)
+            gw.metrics.errors.labels(backend, "timeout" if timeout else "stream").inc()
+            what = f"sent no response head for idle_timeout_s ({gw.config.gateway.idle_timeout_s:g} s)" \
+                if timeout else f"failed before answering ({e.__class__.__name__}: {e})"
+            await self._fail(ex, 504 if timeout else 502, f"Replica {r.name} {what}",
+                             "GatewayTimeoutError" if timeout else "BadGatewayError", rid)
+            return "done"
         try:
-            t0 = time.perf_counter()
-            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-            started = True
-            async for data in resp.chunks():
-                if data:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            gw.children(backend).observe((t_sent - t_recv) + (t0 - t_head), resp.status)
-        except (UpstreamError, asyncio.TimeoutError, ConnectionResetError) as e:
-            if client_gone:
-                gw.metrics.errors.labels(backend, "client_disconnect").inc()
-                return True
-            gw.metrics.errors.labels(backend, "stream").inc()
-            log.warning("%s dropped a response mid-stream (%s)", r.name, e)
-            msg = (f"The backend replica {r.name} failed while streaming this response "
-                   f"({e.__class__.__name__}: {e}); the response is incomplete")
-            if not started:
-                await _send_json(send, 502, error_body(msg, "BadGatewayError", 502))
-            elif is_sse:
-                err = b"data: " + error_body(msg, "BadGatewayError", 502) + b"\n\n"
-                await send({"type": "http.response.body", "body": err, "more_body": False})
-            else:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._relay(ex, r, resp, t_sent, t_recv, backend, rid)
         finally:
-            watcher.cancel()
-            resp.release()
-        return True
+            resp.release()  # closes the connection unless the whole body was read
+        return "done"
+
+    async def _relay(self, ex: _Exchange, r: Replica, resp: aiohttp.ClientResponse, t_sent: float,
+                     t_recv: float, backend: str, rid: bytes) -> None:
+        """Send ``resp`` to the client: whole (Content-Length) or one upstream chunk at a time."""
+        gw = self.gw
+        series = gw.children(backend)
+        t_head = time.perf_counter()
+        out_headers = response_headers(resp.raw_headers)
+        out_headers.append((b"x-request-id", rid))
+        ex.is_sse = resp.content_type == "text/event-stream"
+        length = resp.headers.get("Content-Length")
+        try:
+            if length is not None and not ex.is_sse:
+                data = await resp.read()
+                out_headers.append((b"content-length", str(len(data)).encode()))
+                t0 = time.perf_counter()
+                await ex.start(resp.status, out_headers)
+                await ex.body(data, more=False)
+                series.observe((t_sent - t_recv) + (t0 - t_head), resp.status)
+                return
+            t0 = time.perf_counter()
+            await ex.start(resp.status, out_headers)
+            timed = ex.is_sse and resp.status == 200
+            last = None
+            async for data in http_chunks(resp):
+                await ex.body(data, more=True)
+                if timed:
+                    now = time.perf_counter()
+                    if last is None:
+                        series.ttft.observe(now - t_recv)
+                    else:
+                        series.itl.observe(now - last)
+                    last = now
+            await ex.body(b"", more=False)
+            series.observe((t_sent - t_recv) + (t0 - t_head), resp.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            gw.metrics.errors.labels(backend, "stream").inc()
+            log.warning("request %s: %s failed mid-response (%s: %s)", rid.decode(), r.name,
+                        e.__class__.__name__, e)
+            await self._fail(ex, 502, f"The backend replica {r.name} failed while sending this response "
+                                      f"({e.__class__.__name__}: {e}); the response is incomplete",
+                             "BadGatewayError", rid)
 
 
 class BackendSeries:
-    """A backend's metric children: added latency, in-flight gauge, per-status counters."""
+    """A backend's metric children: added latency, TTFT/ITL, in-flight gauge, per-status counters."""
 
     def __init__(self, metrics: GatewayMetrics, backend: str) -> None:
         self._metrics, self._backend = metrics, backend
         self.added = metrics.added_latency.labels(backend)
+        self.ttft = metrics.ttft.labels(backend)
+        self.itl = metrics.itl.labels(backend)
         self.in_flight = metrics.in_flight.labels(backend)
         self._codes: dict[int, Any] = {}
 
@@ -258,19 +474,28 @@ class BackendSeries:
 
 
 class Gateway:
-    """Holds the supervisor, the upstream session and the counters the routes share."""
+    """Holds the supervisor, the upstream session and the counters the routes share.
 
-    def __init__(self, config: Config, supervisor: Supervisor | None = None, launch: bool = True):
+    Args:
+        config: the gateway config.
+        supervisor: an existing supervisor (default: one for ``config``).
+        launch: False to attach to servers already running (``--no-launch``).
+        on_fatal: called when no backend can ever become ready (every replica
+            failed to start); the CLI stops the server and exits 1.
+    """
+
+    def __init__(self, config: Config, supervisor: Supervisor | None = None, launch: bool = True,
+                 on_fatal: Callable[[str], None] | None = None):
         self.config = config
-        self.supervisor = supervisor or Supervisor(config, launch=launch)
+        self.supervisor = supervisor or Supervisor(config, launch=launch, on_fatal=on_fatal)
         self.metrics = GatewayMetrics()
-        self.api_keys = set(config.gateway.api_keys)
+        self.api_keys = ApiKeys(config.gateway.resolved_api_keys())
         self.routing = config.gateway.routing
         self.queue_limit = config.gateway.queue_limit
         self.in_flight = 0
         self._children: dict[str, BackendSeries] = {}
         self.session: aiohttp.ClientSession | None = None
-        self.upstream: UpstreamPool | None = None
+        self.upstream: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task | None = None
 
     def children(self, backend: str) -> "BackendSeries":
@@ -281,10 +506,11 @@ class Gateway:
         return c
 
     async def startup(self) -> None:
+        """Open the upstream pool and start the replicas; returns at once (the gateway listens while they boot)."""
         g = self.config.gateway
-        self.upstream = UpstreamPool(connect_timeout=g.connect_timeout_s, timeout=g.request_timeout_s)
+        self.upstream = make_session(g.connect_timeout_s, g.idle_timeout_s)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))  # scrapes only
-        await self.supervisor.start(wait=True)
+        await self.supervisor.start(wait=False)
         if self.routing == "kv_aware":
             self._poller = asyncio.create_task(self._poll_load())
 
@@ -292,9 +518,13 @@ class Gateway:
         if self._poller:
             self._poller.cancel()
         await self.supervisor.stop()
-        self.upstream.close()
+        if self.upstream:
+            await self.upstream.close()
         if self.session:
             await self.session.close()
+
+    async def _get(self, r: Replica, path: str) -> aiohttp.ClientResponse:
+        return await self.session.get(f"{r.url}{path}", headers=r.auth_headers())
 
     async def _poll_load(self) -> None:
         while True:
@@ -302,52 +532,90 @@ class Gateway:
                 if not r.ready:
                     continue
                 with contextlib.suppress(Exception):
-                    async with self.session.get(f"{r.url}/metrics") as resp:
+                    async with await self._get(r, "/metrics") as resp:
                         text = await resp.text()
                     r.num_waiting = scrape_value(text, "vllm:num_requests_waiting") or 0.0
                     r.kv_usage = scrape_value(text, "vllm:kv_cache_usage_perc") or 0.0
             await asyncio.sleep(self.config.gateway.metrics_poll_s)
 
+    def _unauthorized(self, request: Request) -> Response | None:
+        if self.api_keys and not self.api_keys.check(request.scope["headers"]):
+            self.metrics.errors.labels("-", "auth").inc()
+            rid = request_id(request.scope["headers"])
+            return Response(error_body("Invalid or missing API key: send `Authorization: Bearer <key>`",
+                                       "authentication_error", "invalid_api_key", request_id=rid.decode()),
+                            401, media_type="application/json", headers={"x-request-id": rid.decode()})
+        return None
+
     # ------------------------------------------------------------ routes
     async def health(self, request: Request) -> Response:
+        """Liveness: 200 while the gateway serves HTTP; the body lists each replica's state."""
         state = {m: [r.state for r in reps] for m, reps in self.supervisor.replicas.items()}
-        ok = all(any(s == "ready" for s in states) for states in state.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "models": state}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok", "models": state})
+
+    async def ready(self, request: Request) -> Response:
+        """Readiness: 200 when every model (or ``?model=``) has a ready replica, else 503 with Retry-After."""
+        only = request.query_params.get("model")
+        reps = self.supervisor.replicas
+        if only is not None and only not in reps:
+            return JSONResponse({"error": {"message": f"The model `{only}` does not exist. Served models: "
+                                                      f"{sorted(reps)}", "type": "NotFoundError",
+                                           "param": "model", "code": 404}}, 404)
+        models = {m: {"ready": sum(r.ready for r in rs), "replicas": [r.state for r in rs]}
+                  for m, rs in reps.items() if only is None or m == only}
+        ok = all(v["ready"] > 0 for v in models.values())
+        return JSONResponse({"status": "ready" if ok else "not_ready", "models": models},
+                            status_code=200 if ok else 503, headers=None if ok else {"retry-after": "2"})
 
     async def models(self, request: Request) -> Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
         seen: dict[str, dict] = {}
         for model, reps in self.supervisor.replicas.items():
             for r in reps:
                 if not r.ready:
                     continue
                 with contextlib.suppress(Exception):
-                    async with self.session.get(f"{r.url}/v1/models") as resp:
+                    async with await self._get(r, "/v1/models") as resp:
                         for m in (await resp.json()).get("data", []):
                             seen.setdefault(m["id"], m)
                     break
         return JSONResponse({"object": "list", "data": list(seen.values())})
 
     async def metrics_route(self, request: Request) -> Response:
-        parts = [self.metrics.render().decode()]
-        seen: set[str] = set()
+        if self.config.gateway.metrics_require_key and (denied := self._unauthorized(request)) is not None:
+            return denied
 
-        async def fetch(r: Replica) -> tuple[Replica, str]:
+        async def fetch(r: Replica) -> tuple[dict[str, str], str]:
+            labels = {"backend": r.backend.name, "replica": str(r.index), "mode": r.backend.mode}
             try:
-                async with self.session.get(f"{r.url}/metrics") as resp:
-                    return r, await resp.text()
+                async with await self._get(r, "/metrics") as resp:
+                    return labels, await resp.text()
             except Exception:
-                return r, ""
+                return labels, ""
 
         results = await asyncio.gather(*(fetch(r) for r in self.supervisor.all_replicas() if r.ready))
-        for r, text in results:
-            parts.append("\n".join(relabel_vllm_metrics(
-                text, {"backend": r.backend.name, "replica": str(r.index), "mode": r.backend.mode}, seen)))
-        return Response("\n".join(p for p in parts if p) + "\n", media_type="text/plain; version=0.0.4")
+        text = self.metrics.render() + merge_vllm_metrics(list(results))
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def create_app(config: Config, supervisor: Supervisor | None = None, launch: bool = True) -> Starlette:
-    """The gateway ASGI app; its lifespan starts and stops the backends."""
-    gw = Gateway(config, supervisor, launch)
+async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own 404/405 as OpenAI error JSON (bad input never gets a bare text page)."""
+    rid = request_id(request.scope["headers"]).decode()
+    msg = {404: f"No route for {request.method} {request.url.path}",
+           405: f"Method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    return Response(error_body(msg, "invalid_request_error", exc.status_code, request_id=rid), exc.status_code,
+                    media_type="application/json", headers={**(exc.headers or {}), "x-request-id": rid})
+
+
+def create_app(config: Config, supervisor: Supervisor | None = None, launch: bool = True,
+               on_fatal: Callable[[str], None] | None = None) -> Starlette:
+    """The gateway ASGI app; its lifespan starts and stops the backends.
+
+    Raises:
+        gateway.config.ConfigError: an ``api_keys_env``/``api_keys_file`` source is missing or empty.
+    """
+    gw = Gateway(config, supervisor, launch, on_fatal)
     fwd = Forwarder(gw)
 
     @contextlib.asynccontextmanager
@@ -360,10 +628,12 @@ def create_app(config: Config, supervisor: Supervisor | None = None, launch: boo
 
     routes = [
         Route("/health", gw.health, methods=["GET"]),
+        Route("/ready", gw.ready, methods=["GET"]),
         Route("/metrics", gw.metrics_route, methods=["GET"]),
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/v1/{rest:path}", fwd, methods=["POST"]),
     ] + [Route(p, fwd, methods=["POST"]) for p in MODEL_PATHS]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: _openai_http_error, 405: _openai_http_error})
     app.state.gateway = gw
     return app

@@ -2,23 +2,40 @@
 
 Life of a replica (:class:`Replica`)::
 
-    starting --/health 200--> ready --process exits / health fails--> down
-        ^                                                          |
-        +------------- restart after backoff (1, 2, 4 ... 30 s) ---+
+    starting --/health 200--> ready --process exits / 3 failed health checks--> down
+        ^  |                                                                     |
+        |  +-- exits max_start_failures times in a row before ever being ready,  |
+        |      or not healthy within startup_timeout_s --> failed (not restarted) |
+        +------------- stop the group, restart after backoff (1, 2, 4 ... 30 s) --+
 
 The proxy routes only to ``ready`` replicas. A replica marked down has its
-in-flight streams fail with an error (the proxy sees the connection drop)
-and is restarted with exponential backoff; ``stop()`` terminates every
-process group (SIGTERM, then SIGKILL after a grace period) so no vLLM
-process outlives the gateway.
+in-flight streams fail with an error (the proxy sees the connection drop),
+its process group is stopped (off the event loop) and it is restarted with
+exponential backoff; the backoff resets once a replica has stayed ready for
+``BACKOFF_RESET_S``. A replica that keeps crashing before its first ready
+state (a typo in ``extra_args``, a model that does not fit) is marked
+``failed`` and its last log lines are logged with its name, instead of
+looping forever; when every replica of every backend has failed, the
+``on_fatal`` callback fires (the CLI exits 1). ``stop()`` terminates every
+process group (SIGTERM, then SIGKILL after a grace period); the
+:class:`gateway.launch.Reaper` does the same if the gateway dies without
+stopping (SIGKILL included), so no vLLM process outlives the gateway.
+
+Each start of a replica gets a fresh random key (``VLLM_API_KEY``,
+:func:`secrets.token_urlsafe`, 32 bytes) that only the gateway holds, so no
+other process on the host reaches a replica's ``/v1`` routes around the
+gateway's keys and ``queue_limit``. Attached servers (``launch=False``) get
+no key.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import aiohttp
 
@@ -28,8 +45,12 @@ from gateway.launch import ServerProcess, free_port, vllm_command
 log = logging.getLogger("emugate.supervisor")
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: A replica ready this long (s) has its restart backoff reset to the first step.
+BACKOFF_RESET_S = 60.0
 HEALTH_INTERVAL_S = 1.0
 HEALTH_FAILURES_DOWN = 3
+#: Grace (s) between SIGTERM and SIGKILL when a down replica is stopped for a restart.
+RESTART_GRACE_S = 5.0
 
 
 @dataclass(eq=False)
@@ -40,14 +61,18 @@ class Replica:
     index: int
     port: int
     host: str = "127.0.0.1"
-    state: str = "starting"  # starting | ready | down | stopped
+    state: str = "starting"  # starting | ready | down | failed | stopped
     outstanding: int = 0
     restarts: int = 0
+    backoff_step: int = 0
+    start_failures: int = 0
     process: ServerProcess | None = None
+    api_key: str | None = None
     # backend-reported load (kv_aware routing), refreshed from /metrics
     num_waiting: float = 0.0
     kv_usage: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+    ready_since: float | None = None
 
     @property
     def name(self) -> str:
@@ -61,6 +86,10 @@ class Replica:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    def auth_headers(self) -> dict[str, str]:
+        """The header that opens this replica's ``/v1`` routes (empty for attached servers)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
 
 class Supervisor:
     """Owns the replicas of every backend in a :class:`Config`.
@@ -70,12 +99,15 @@ class Supervisor:
         launch: False to attach to already-running servers on the configured
             ports (no processes started; used by tests and ``--no-launch``).
         log_stream: where prefixed backend log lines go (default stderr).
+        on_fatal: called once, with a message, when every replica has failed.
     """
 
-    def __init__(self, config: Config, launch: bool = True, log_stream=None):
+    def __init__(self, config: Config, launch: bool = True, log_stream=None,
+                 on_fatal: Callable[[str], None] | None = None):
         self.config = config
         self.launch = launch
         self.log_stream = log_stream if log_stream is not None else sys.stderr
+        self.on_fatal = on_fatal
         self.replicas: dict[str, list[Replica]] = {}
         for b in config.backends:
             reps = []
@@ -96,7 +128,7 @@ class Supervisor:
         each backend has at least one ready replica.
 
         Raises:
-            TimeoutError: a backend had no ready replica within
+            TimeoutError: with ``wait``, a backend had no ready replica within
                 ``gateway.startup_timeout_s``.
         """
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
@@ -108,17 +140,24 @@ class Supervisor:
             await self.wait_ready(self.config.gateway.startup_timeout_s)
 
     async def wait_ready(self, timeout_s: float) -> None:
+        """Return once every model has a ready replica.
+
+        Raises:
+            TimeoutError: not within ``timeout_s``, or every replica of a model failed.
+        """
         t0 = time.monotonic()
         while True:
             missing = [m for m, reps in self.replicas.items() if not any(r.ready for r in reps)]
             if not missing:
                 return
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"no ready replica after {timeout_s:.0f} s for: {missing}")
+            failed = [m for m in missing if all(r.state == "failed" for r in self.replicas[m])]
+            if failed or time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"no ready replica after {time.monotonic() - t0:.0f} s for: {missing}"
+                                   + (f" (failed: {failed})" if failed else ""))
             await asyncio.sleep(0.25)
 
     async def stop(self) -> None:
-        """Stop watchers and terminate every replica's process group."""
+        """Stop watchers and terminate every replica's process group (off the event loop)."""
         self._stopping = True
         for t in self._tasks:
             t.cancel()
@@ -133,12 +172,18 @@ class Supervisor:
 
     # ---------------------------------------------------------- internals
     def _spawn(self, r: Replica) -> None:
-        argv, env = vllm_command(r.backend, r.port, r.index, r.host)
+        r.api_key = secrets.token_urlsafe(32)
+        argv, env = vllm_command(r.backend, r.port, r.index, r.host, api_key=r.api_key)
         r.process = ServerProcess(r.name, argv, env, log=self.log_stream)
         r.process.start()
         r.state = "starting"
         r.started_at = time.monotonic()
+        r.ready_since = None
         log.info("started %s (pid %s, port %d, mode %s)", r.name, r.process.pid, r.port, r.backend.mode)
+
+    async def _stop_process(self, r: Replica, grace_s: float) -> None:
+        if r.process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, r.process.stop, grace_s)
 
     async def _healthy(self, r: Replica) -> bool:
         try:
@@ -147,32 +192,67 @@ class Supervisor:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
+    def _tail(self, r: Replica) -> str:
+        lines = list(r.process.tail) if r.process is not None else []
+        return "\n".join(f"    [{r.name}] {ln}" for ln in lines[-15:]) or "    (no output)"
+
+    def _fail(self, r: Replica, why: str) -> None:
+        r.state = "failed"
+        log.error("%s (backend %s) failed to start: %s; not restarting it. Its last log lines:\n%s",
+                  r.name, r.backend.name, why, self._tail(r))
+        if self.launch and all(x.state == "failed" for x in self.all_replicas()) and self.on_fatal:
+            self.on_fatal(f"every replica failed to start (last: {r.name}: {why})")
+
+    async def _restart(self, r: Replica, why: str) -> None:
+        """Stop ``r``'s group and start it again after the backoff step."""
+        r.state = "down"
+        delay = BACKOFF_S[min(r.backoff_step, len(BACKOFF_S) - 1)]
+        log.warning("%s %s; restarting in %.0f s", r.name, why, delay)
+        await self._stop_process(r, RESTART_GRACE_S)
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        r.restarts += 1
+        r.backoff_step += 1
+        self._spawn(r)
+
     async def _watch(self, r: Replica) -> None:
+        g = self.config.gateway
         failures = 0
         while not self._stopping:
-            exited = r.process is not None and r.process.poll() is not None
-            if exited:
-                code = r.process.poll()
-                r.state = "down"
-                delay = BACKOFF_S[min(r.restarts, len(BACKOFF_S) - 1)]
-                log.warning("%s exited with code %s; restarting in %.0f s", r.name, code, delay)
-                r.process.stop(grace_s=1)
-                await asyncio.sleep(delay)
-                if self._stopping:
-                    return
-                r.restarts += 1
-                self._spawn(r)
+            code = r.process.poll() if r.process is not None else None
+            if code is not None:
+                if r.ready_since is None and r.state == "starting":
+                    r.start_failures += 1
+                    if r.start_failures >= g.max_start_failures:
+                        await self._stop_process(r, 1.0)
+                        return self._fail(r, f"vLLM exited with code {code} {r.start_failures} times "
+                                             "before becoming ready")
+                await self._restart(r, f"exited with code {code}")
                 failures = 0
                 continue
             ok = await self._healthy(r)
+            now = time.monotonic()
             if ok:
                 failures = 0
                 if r.state != "ready":
-                    log.info("%s ready after %.1f s", r.name, time.monotonic() - r.started_at)
-                    r.state = "ready"
+                    log.info("%s ready after %.1f s", r.name, now - r.started_at)
+                    r.state, r.ready_since, r.start_failures = "ready", now, 0
+                elif r.backoff_step and now - r.ready_since >= BACKOFF_RESET_S:
+                    r.backoff_step = 0
             elif r.state == "ready":
                 failures += 1
                 if failures >= HEALTH_FAILURES_DOWN:
-                    log.warning("%s failed %d health checks; not routing to it", r.name, failures)
-                    r.state = "down"
+                    if not self.launch:
+                        log.warning("%s failed %d health checks; not routing to it", r.name, failures)
+                        r.state = "down"
+                    else:
+                        await self._restart(r, f"failed {failures} health checks")
+                        failures = 0
+                        continue
+            elif r.state == "starting" and self.launch and now - r.started_at > g.startup_timeout_s:
+                await self._stop_process(r, RESTART_GRACE_S)
+                return self._fail(r, f"not healthy within startup_timeout_s ({g.startup_timeout_s:g} s)")
+            elif r.state == "down" and not self.launch:
+                pass  # attached server: keep polling, it is routed to again once healthy
             await asyncio.sleep(HEALTH_INTERVAL_S if r.state == "ready" else 0.25)

@@ -1,0 +1,66 @@
+"""Running the gateway app under uvicorn, with a request-header deadline.
+
+uvicorn's httptools protocol has no deadline for a request's headers: a
+client that opens a connection and trickles bytes (slowloris) holds a socket
+and a parser forever. :func:`deadline_protocol` subclasses it: a timer armed
+when a connection opens and at the first byte of every request, disarmed when
+the headers are complete; if it fires, the client gets ``408`` in OpenAI's
+error JSON and the connection is closed. The body deadline
+(``body_timeout_s``) is enforced by the proxy, which reads the body.
+Between requests on a keep-alive connection uvicorn's own keep-alive timeout
+(5 s) applies.
+"""
+from __future__ import annotations
+
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+def _408(header_timeout_s: float) -> bytes:
+    body = json.dumps({"error": {
+        "message": f"The request headers did not arrive within header_timeout_s ({header_timeout_s:g} s)",
+        "type": "invalid_request_error", "param": None, "code": 408}}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n" % len(body)) + body
+
+
+def deadline_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
+    """An ``HttpToolsProtocol`` subclass enforcing ``header_timeout_s`` (s); pass it as uvicorn's ``http``."""
+    response = _408(header_timeout_s)
+
+    class DeadlineHttpToolsProtocol(HttpToolsProtocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(response)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return DeadlineHttpToolsProtocol
