@@ -122,7 +122,7 @@ def main() -> None:
         gw.start()
         gurl = f"http://127.0.0.1:{gport}"
         try:
-            wait_healthy(gurl, gw, timeout_s=60)
+            wait_healthy(gurl, gw, timeout_s=60, path="/ready")
             url = {"direct": direct, "gateway": gurl}
 
             async def run():

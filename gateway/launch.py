@@ -284,8 +284,11 @@ class ServerProcess:
 
 
 def wait_healthy(url: str, proc: ServerProcess | None = None, timeout_s: float = 900.0,
-                 interval_s: float = 0.5) -> float:
-    """Poll ``url``/health until it answers 200; return seconds waited.
+                 interval_s: float = 0.5, path: str = "/health") -> float:
+    """Poll ``url`` + ``path`` until it answers 200; return seconds waited.
+
+    ``path``: ``/health`` for a vLLM server; ``/ready`` for the gateway (its
+    ``/health`` is liveness and answers 200 while its replicas still boot).
 
     Raises:
         RuntimeError: the process exited first (its exit code in the message).
@@ -295,15 +298,15 @@ def wait_healthy(url: str, proc: ServerProcess | None = None, timeout_s: float =
     t0 = time.monotonic()
     while True:
         if proc is not None and proc.proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.name}: vLLM exited with code {proc.poll()} before becoming healthy "
+            raise RuntimeError(f"{proc.name}: exited with code {proc.poll()} before becoming healthy "
                                "(see its log lines above)")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code == 200:
                 return time.monotonic() - t0
         except httpx.HTTPError:
             pass
         if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
+            raise TimeoutError(f"{url}{path} not 200 after {timeout_s:.0f} s")
         time.sleep(interval_s)
 
 

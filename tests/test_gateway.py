@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LOG_DIR, MODEL, ROOT, wait_for
 from gateway.launch import ServerProcess, free_port, wait_healthy
@@ -63,7 +64,7 @@ capture_trace = "{trace}"
     proc.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, timeout_s=600)
+        wait_healthy(url, proc, timeout_s=600, path="/ready")
         yield url, proc, log, trace, emu_trace
     finally:
         proc.stop(grace_s=40)
@@ -180,8 +181,10 @@ def test_metrics_has_gateway_and_labelled_vllm_metrics(gw):
     text = httpx.get(url + "/metrics").text
     assert re.search(r'emugate_requests_total\{backend="emu",code="200"\} \d', text)
     assert "emugate_added_latency_seconds_bucket" in text and 'emugate_in_flight{backend="emu"}' in text
-    assert re.search(r'vllm:num_requests_running\{backend="emu",replica="1",mode="emulate"', text)
-    assert re.search(r'vllm:num_requests_running\{backend="cpu-real",replica="0",mode="real"', text)
+    running = next(f for f in text_string_to_metric_families(text) if f.name == "vllm:num_requests_running")
+    labels = [{k: s.labels[k] for k in ("backend", "replica", "mode")} for s in running.samples]
+    assert {"backend": "emu", "replica": "1", "mode": "emulate"} in labels
+    assert {"backend": "cpu-real", "replica": "0", "mode": "real"} in labels
     assert text.count("# TYPE vllm:num_requests_running ") == 1
 
 
@@ -286,3 +289,86 @@ def test_emulated_backend_records_the_steps_it_served(gw):
     feats = profile_features(prof)
     ratio = np.median([s["latency_us"][i] / oracle.predict_us(f) for i, f in enumerate(feats) if f.step_class == DECODE])
     assert 0.6 < ratio < 1.6, ratio
+
+
+def test_expect_100_continue_client_does_not_get_or_leak_another_answer(gw):
+    """Issue 11's report, against real vLLM: client A sends `Expect: 100-continue` (vLLM's server answers an
+    Expect with an interim 100), client B follows on the gateway's pooled connection to the same replica.
+    Each must get its own completion (A: 3 tokens, B: 40)."""
+    url, *_ = gw
+    host, port = url.removeprefix("http://").split(":")
+
+    def post_raw(body: dict, extra: bytes = b"") -> dict:
+        payload = json.dumps(body).encode()
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra +
+                  b"Content-Length: " + str(len(payload)).encode() + b"\r\nConnection: close\r\n\r\n")
+        time.sleep(0.2)  # as curl does: wait a moment for the 100, then send the body
+        s.sendall(payload)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        while data.startswith(b"HTTP/1.1 1"):  # the gateway's own interim 100 for A's Expect
+            data = data.split(b"\r\n\r\n", 1)[1]
+        head, _, body_bytes = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return json.loads(body_bytes)
+
+    a = post_raw({"model": REAL_MODEL, "prompt": "client A", "max_tokens": 3, "ignore_eos": True},
+                 b"Expect: 100-continue\r\n")
+    b = post_raw({"model": REAL_MODEL, "prompt": "client B", "max_tokens": 40, "ignore_eos": True})
+    assert a["usage"]["completion_tokens"] == 3 and b["usage"]["completion_tokens"] == 40
+    assert a["id"] != b["id"]
+
+
+def _replica_ports(log: Path) -> dict[str, int]:
+    return {name: int(port) for name, port in re.findall(r"started (\S+) \(pid \d+, port (\d+)", log.read_text())}
+
+
+def test_replicas_refuse_requests_that_go_around_the_gateway(gw):
+    url, _, log, *_ = gw
+    ports = _replica_ports(log)
+    assert {"emu/0", "emu/1", "cpu-real/0"} <= set(ports)
+    for name, port in ports.items():
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                                          "max_tokens": 1}, timeout=30)
+        assert r.status_code == 401, (name, r.status_code)  # vLLM's own middleware: the per-start key is missing
+    assert httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                      timeout=60).status_code == 200
+
+
+def _running(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    return sum(s.value for s in fams["vllm:num_requests_running"].samples if s.labels.get("backend") == "emu")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_request_in_vllm(gw, stream):
+    """A client that goes away mid-stream, or before the response head (non-streamed), frees its slot:
+    vLLM's num_requests_running goes back to 0 instead of generating 2000 tokens for nobody."""
+    url, *_ = gw
+    wait_for(lambda: _running(url) == 0, 60, what="idle emulated replicas")
+    body = json.dumps({"model": MODEL, "prompt": "abort me", "max_tokens": 2000, "ignore_eos": True,
+                       "stream": stream}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    wait_for(lambda: _running(url) == 1, 30, what="the request to run")
+    if stream:
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.close()
+    wait_for(lambda: _running(url) == 0, 15, what="vLLM to abort the abandoned request")
+
+
+def test_metrics_merge_is_valid_exposition_with_every_replica(gw):
+    url, *_ = gw
+    text = httpx.get(url + "/metrics", timeout=10).text
+    fams = list(text_string_to_metric_families(text))
+    names = [f.name for f in fams]
+    assert len(names) == len(set(names)), "a family split into several blocks"
+    running = next(f for f in fams if f.name == "vllm:num_requests_running")
+    assert {(s.labels["backend"], s.labels["replica"]) for s in running.samples} == {
+        ("emu", "0"), ("emu", "1"), ("cpu-real", "0")}
