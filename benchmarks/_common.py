@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.launch import ServerProcess, free_port, wait_healthy  # noqa: E402
-from profiles.format import resolve_model_dir, resolve_profile  # noqa: E402
+from profiles.assets import resolve_model_dir, resolve_profile  # noqa: E402
 
 MODEL = "mistral-h1024-l8"
 PROFILE = "cpu-epyc-2c_mistral-h1024-l8"

@@ -6,13 +6,18 @@ this process (aiohttp), Poisson arrivals at ``--rate`` req/s, targets
 interleaved request by request (direct, gateway, direct, ...) so both see the
 same machine state.
 
+``--baseline REF`` also starts the gateway of git revision REF (checked out
+into a temporary worktree) attached to the same backend, and interleaves three
+targets (direct, gateway, baseline): before/after in one run, same machine
+state. ``--rate`` is the total over all targets.
+
 1. Non-streaming chat, max_tokens=1: latency p50/p99 direct vs gateway;
    added latency = gateway - direct at each percentile. Also the gateway's own
    ``emugate_added_latency_seconds`` histogram (its internal time per request).
 2. Streaming chat, ``--stream-requests`` of 64 tokens at ``--stream-rate``
    (Poisson, targets alternating): mean TTFT and ITL direct vs gateway.
 
-    python benchmarks/gateway_overhead.py [--rate 200] [--seconds 20]
+    python benchmarks/gateway_overhead.py [--rate 200] [--seconds 20] [--baseline c148c43]
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import argparse
 import asyncio
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +39,8 @@ from _common import MODEL, ROOT, ServerProcess, emulated_server, free_port, pct,
 
 async def nonstream(session, url, n, rate, seed=0):
     rng = random.Random(seed)
-    lat = {"direct": [], "gateway": []}
+    names = list(url)
+    lat = {t: [] for t in names}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
     async def one(target, base):
@@ -48,7 +55,7 @@ async def nonstream(session, url, n, rate, seed=0):
     for i in range(n):
         t += rng.expovariate(rate)
         await asyncio.sleep(max(0.0, t - time.perf_counter()))
-        target = "direct" if i % 2 == 0 else "gateway"
+        target = names[i % len(names)]
         tasks.append(asyncio.create_task(one(target, url[target])))
     await asyncio.gather(*tasks)
     return lat
@@ -58,11 +65,18 @@ async def streams(session, url, n, rate, seed=1):
     """Open-loop Poisson streaming requests, targets alternating (so neither set of
     requests reaches vLLM ahead of the other in a burst and joins an earlier step)."""
     rng = random.Random(seed)
-    out = {"direct": {"ttft": [], "itl": []}, "gateway": {"ttft": [], "itl": []}}
+    names = list(url)
+    out = {t: {"ttft": [], "itl": []} for t in names}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "stream"}], "max_tokens": 64,
             "ignore_eos": True, "stream": True}
 
     async def one(target):
+        try:
+            await one_stream(target)
+        except aiohttp.ClientError as e:
+            out[target].setdefault("errors", []).append(repr(e))
+
+    async def one_stream(target):
         st = time.perf_counter()
         last = None
         async with session.post(url[target] + "/v1/chat/completions", json=body) as r:
@@ -81,7 +95,7 @@ async def streams(session, url, n, rate, seed=1):
     for i in range(n):
         t += rng.expovariate(rate)
         await asyncio.sleep(max(0.0, t - time.perf_counter()))
-        tasks.append(asyncio.create_task(one("direct" if i % 2 == 0 else "gateway")))
+        tasks.append(asyncio.create_task(one(names[i % len(names)])))
     await asyncio.gather(*tasks)
     return out
 
@@ -110,43 +124,71 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=5.0, help="emulated backend's fixed step (ms)")
     ap.add_argument("--stream-requests", type=int, default=400)
     ap.add_argument("--stream-rate", type=float, default=20.0, help="streaming requests/s (Poisson)")
+    ap.add_argument("--baseline", default=None, metavar="REF",
+                    help="also measure the gateway of this git revision (before/after in one run)")
     a = ap.parse_args()
     with emulated_server(step_ms=a.step_ms, name="bench-gw-backend") as (direct, _):
         port = int(direct.rsplit(":", 1)[1])
         gport = free_port()
-        cfg = Path(tempfile.mkdtemp()) / "gw.toml"
+        tmp = Path(tempfile.mkdtemp())
+        cfg = tmp / "gw.toml"
         cfg.write_text(f'[gateway]\nport = {gport}\n[[backends]]\nname = "emu"\nmodel = "{MODEL}"\n'
                        f'mode = "emulate"\nprofile = "cpu-epyc-2c_mistral-h1024-l8"\nports = [{port}]\n')
-        gw = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg), "--no-launch",
-                                       "--log-level", "warning"], dict(os.environ), log=open(os.devnull, "w"))
-        gw.start()
-        gurl = f"http://127.0.0.1:{gport}"
+        gws = {"gateway": (ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg),
+                                                     "--no-launch", "--log-level", "warning"], dict(os.environ),
+                                         log=open(os.devnull, "w")), gport, "/ready")}
+        if a.baseline:
+            wt = tmp / "baseline"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), a.baseline],
+                           check=True, capture_output=True)
+            bport = free_port()
+            bcfg = tmp / "base.toml"
+            bcfg.write_text(cfg.read_text().replace(f"port = {gport}", f"port = {bport}"))
+            gws["baseline"] = (ServerProcess("baseline", [sys.executable, "-m", "gateway", "--config", str(bcfg),
+                                                          "--no-launch", "--log-level", "warning"],
+                                             {**os.environ, "PYTHONPATH": str(wt)}, log=open(os.devnull, "w"),
+                                             cwd=str(wt)), bport, "/health")
+        for proc, _, _ in gws.values():
+            proc.start()
         try:
-            wait_healthy(gurl, gw, timeout_s=60, path="/ready")
-            url = {"direct": direct, "gateway": gurl}
+            url = {"direct": direct}
+            for name, (proc, p, ready) in gws.items():
+                url[name] = f"http://127.0.0.1:{p}"
+                wait_healthy(url[name], proc, timeout_s=60, path=ready)
 
             async def run():
-                conn = aiohttp.TCPConnector(limit=0)
+                conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0)  # under uvicorn's 5 s
                 async with aiohttp.ClientSession(connector=conn) as s:
-                    await nonstream(s, url, 200, 50.0, seed=99)  # warm-up both paths
+                    await nonstream(s, url, 300, 50.0, seed=99)  # warm-up every path
                     lat = await nonstream(s, url, int(a.rate * a.seconds), a.rate)
-                    total, g50, g99 = await scrape_added(gurl, s)
+                    added = {n: await scrape_added(url[n], s) for n in gws}
                     st = await streams(s, url, a.stream_requests, a.stream_rate)
-                    return lat, (total, g50, g99), st
+                    return lat, added, st
             lat, added, st = asyncio.run(run())
         finally:
-            gw.stop()
-    d, g = lat["direct"], lat["gateway"]
-    print(f"non-streaming chat, max_tokens=1, {a.rate:.0f} req/s open loop, {len(d)}+{len(g)} requests")
-    print(f"  direct : p50 {pct(d, 50):6.2f} ms  p99 {pct(d, 99):6.2f} ms")
-    print(f"  gateway: p50 {pct(g, 50):6.2f} ms  p99 {pct(g, 99):6.2f} ms")
-    print(f"  added  : p50 {pct(g, 50) - pct(d, 50):+6.2f} ms  p99 {pct(g, 99) - pct(d, 99):+6.2f} ms")
-    print(f"  gateway-internal time per request (its histogram, {added[0]:.0f} requests): "
-          f"p50 <= {added[1]:.2f} ms, p99 <= {added[2]:.2f} ms")
+            for proc, _, _ in gws.values():
+                proc.stop()
+            if a.baseline:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "baseline")],
+                               capture_output=True)
+    d = lat["direct"]
+    print(f"non-streaming chat, max_tokens=1, {a.rate:.0f} req/s open loop in total, "
+          f"{' + '.join(f'{len(v)} {k}' for k, v in lat.items())} requests")
+    print(f"  direct  : p50 {pct(d, 50):6.2f} ms  p99 {pct(d, 99):6.2f} ms")
+    for n in gws:
+        g = lat[n]
+        print(f"  {n:8s}: p50 {pct(g, 50):6.2f} ms  p99 {pct(g, 99):6.2f} ms   added: p50 "
+              f"{pct(g, 50) - pct(d, 50):+6.2f} ms  p99 {pct(g, 99) - pct(d, 99):+6.2f} ms")
+        print(f"            internal time per request (its histogram, {added[n][0]:.0f} requests): "
+              f"p50 <= {added[n][1]:.2f} ms, p99 <= {added[n][2]:.2f} ms")
     for m in ("ttft", "itl"):
-        dv, gv = np.mean(st["direct"][m]) * 1000, np.mean(st["gateway"][m]) * 1000
-        print(f"streaming mean {m.upper()} ({len(st['direct'][m])}+{len(st['gateway'][m])} samples): "
-              f"direct {dv:7.2f} ms, gateway {gv:7.2f} ms ({(gv - dv) / dv * 100:+.2f}%)")
+        dv = np.mean(st["direct"][m]) * 1000
+        row = ", ".join(f"{n} {np.mean(st[n][m]) * 1000:7.2f} ms ({(np.mean(st[n][m]) * 1000 - dv) / dv * 100:+.2f}%)"
+                        for n in gws)
+        print(f"streaming mean {m.upper()} ({len(st['direct'][m])} direct samples): direct {dv:7.2f} ms, {row}")
+    for n, v in st.items():
+        if v.get("errors"):
+            print(f"  {n}: {len(v['errors'])} streaming requests failed, e.g. {v['errors'][0]}")
 
 
 if __name__ == "__main__":

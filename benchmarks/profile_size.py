@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from _common import PROFILE
-from profiles.format import Profile, resolve_profile
+from profiles.assets import resolve_profile
+from profiles.format import Profile
 from profiles.llm_emu import to_llm_emu_json
 
 

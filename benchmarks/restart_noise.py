@@ -32,7 +32,7 @@ from _common import ROOT
 
 from gateway.config import load_config
 from gateway.launch import started_backend, wait_healthy
-from profiles.capture import send_bursts, steps_since, with_trace
+from emugate.capture import send_bursts, steps_since, with_trace
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 PROMPT_LEN, OUTPUT_LEN = 256, 96

@@ -31,10 +31,11 @@ from _common import ROOT
 from gateway.config import load_config
 from gateway.launch import resolve_model, started_backend, wait_healthy
 from loadtests.runner import run_locust
-from profiles.capture import steps_since, with_trace
-from profiles.format import Profile, resolve_profile
+from emugate.capture import steps_since, with_trace
+from profiles.assets import resolve_profile
+from profiles.format import Profile
 from profiles.oracle import build_oracle, profile_features
-from profiles.validate import warm_up
+from emugate.validate import warm_up
 
 BUCKETS = [(1, 4), (4, 8), (8, 16), (16, 24), (24, 1 << 20)]
 
@@ -72,7 +73,8 @@ def oracle_error(c: dict[str, np.ndarray], oracle, draws: int = 30) -> list[tupl
     for lo, hi in BUCKETS:
         m = dec & (nr >= lo) & (nr < hi)
         if m.any():
-            rows.append((f"decode {lo}-{hi - 1 if hi < 1 << 20 else ''} reqs", int(m.sum()), pred[m].sum() / lat[m].sum() - 1))
+            label = f"decode {lo}-{hi - 1 if hi < 1 << 20 else ''} reqs"
+            rows.append((label, int(m.sum()), pred[m].sum() / lat[m].sum() - 1))
     m = ~dec
     if m.any():
         rows.append(("prefill-containing", int(m.sum()), pred[m].sum() / lat[m].sum() - 1))

@@ -20,7 +20,7 @@ import numpy as np
 
 from _common import ROOT  # noqa: F401  (puts the project on sys.path)
 
-from profiles.validate import rows_from_dir
+from emugate.validate import rows_from_dir
 
 METRICS = ["mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms", "output_throughput"]
 

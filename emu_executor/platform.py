@@ -41,7 +41,8 @@ def _fingerprint() -> dict:
     st = EmuSettings.from_env()
     if not st.profile:
         return {}
-    from profiles.format import read_header, resolve_profile
+    from profiles.assets import resolve_profile
+    from profiles.format import read_header
     path = resolve_profile(st.profile)
     with open(path, "rb") as f:
         head = f.read(1 << 20)

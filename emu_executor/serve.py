@@ -1,4 +1,4 @@
-"""``python -m emu_executor.serve --profile NAME [vLLM server args...]``
+"""``emugate emulate --profile NAME [vLLM server args...]`` (alias ``python -m emu_executor.serve``)
 
 Starts vLLM's OpenAI server in emulate mode: sets ``EMUGATE_PROFILE`` (and
 ``EMUGATE_ORACLE``/``EMUGATE_SEED``), adds
@@ -16,17 +16,23 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m emu_executor.serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def main(argv: list[str] | None = None, prog: str = "emugate emulate") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_Help,
+                                 epilog="Every other option goes to vLLM's OpenAI server "
+                                        "(python -m vllm.entrypoints.openai.api_server --help lists them).")
     ap.add_argument("--profile", help="profile file or bundled name (see profiles/bundled)")
     ap.add_argument("--step-ms", type=float, default=None, help="fixed step latency instead of a profile (ms)")
-    ap.add_argument("--oracle", default="feature", choices=["feature", "grid2d"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--oracle", default="feature", choices=["feature", "grid2d"],
+                    help="latency oracle: feature, or LLM-Emu's grid2d baseline")
+    ap.add_argument("--seed", type=int, default=0, help="seed of latency and token draws")
     args, rest = ap.parse_known_args(argv)
     if not args.profile and args.step_ms is None:
         ap.error("give --profile NAME_OR_FILE (or --step-ms)")
-    from profiles.format import resolve_model_dir, resolve_profile
+    from profiles.assets import resolve_model_dir, resolve_profile
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
                EMUGATE_ORACLE=args.oracle, EMUGATE_SEED=str(args.seed))
     if args.profile:

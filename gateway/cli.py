@@ -1,7 +1,7 @@
-"""``python -m gateway`` / ``emugate``: start the backends of a config and serve them.
+"""``emugate serve`` (alias ``python -m gateway``): start the backends of a config and serve them.
 
-    python -m gateway --config config.example.toml          # run
-    python -m gateway --config config.toml --check          # validate only
+    emugate serve --config config.example.toml          # run
+    emugate serve --config config.toml --check          # validate only
 
 The gateway listens on ``[gateway].host:port`` at once and starts every
 ``[[backends]]`` replica as a vLLM server process; ``/health`` (liveness) is
@@ -21,10 +21,13 @@ import sys
 from gateway.config import ConfigError, load_config
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m gateway", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", "-c", default="config.example.toml", help="TOML config (default: %(default)s)")
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser(prog: str = "emugate serve") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_Help)
+    ap.add_argument("--config", "-c", default="config.example.toml", help="TOML config")
     ap.add_argument("--check", action="store_true", help="validate the config, print the plan, and exit")
     ap.add_argument("--host", default=None, help="override [gateway].host")
     ap.add_argument("--port", type=int, default=None, help="override [gateway].port")
@@ -45,15 +48,15 @@ def describe(cfg) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "emugate serve") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         cfg = load_config(args.config)
         if args.host or args.port:
             g = cfg.gateway.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
             cfg = cfg.model_copy(update={"gateway": g})
         if any(b.mode == "emulate" for b in cfg.backends):
-            from profiles.format import resolve_profile
+            from profiles.assets import resolve_profile
             for b in cfg.backends:
                 if b.mode == "emulate":
                     resolve_profile(b.profile)

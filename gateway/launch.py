@@ -52,7 +52,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def resolve_model(model: str) -> str:
     """A bundled model name becomes its directory; anything else is passed through."""
     try:
-        from profiles.format import resolve_model_dir
+        from profiles.assets import resolve_model_dir
         return str(resolve_model_dir(model))
     except FileNotFoundError:
         return model
@@ -88,8 +88,9 @@ def vllm_command(b: BackendConfig, port: int, replica: int = 0, host: str = "127
     if Path(model).is_dir():
         env.setdefault("HF_HUB_OFFLINE", "1")
     if b.mode == "emulate":
-        from profiles.format import resolve_profile
-        argv += ["--distributed-executor-backend", EMULATED_PROFILING_EXECUTOR if b.capture_trace else EMULATED_EXECUTOR]
+        from profiles.assets import resolve_profile
+        executor = EMULATED_PROFILING_EXECUTOR if b.capture_trace else EMULATED_EXECUTOR
+        argv += ["--distributed-executor-backend", executor]
         env.update(EMUGATE_PROFILE=str(resolve_profile(b.profile)), EMUGATE_ORACLE=b.oracle,
                    EMUGATE_SEED=str(b.seed + replica))
     else:
@@ -197,8 +198,9 @@ class ServerProcess:
     TAIL_LINES = 25
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: TextIO | None = None,
-                 log_file: str | Path | None = None, on_line: Callable[[str], None] | None = None):
-        self.name, self.argv, self.env = name, argv, env
+                 log_file: str | Path | None = None, on_line: Callable[[str], None] | None = None,
+                 cwd: str | None = None):
+        self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
         self.log = log if log is not None else sys.stderr
         self.log_file = log_file
         self.on_line = on_line
@@ -208,7 +210,7 @@ class ServerProcess:
 
     def start(self) -> None:
         reaper = Reaper.get()
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, text=True, errors="replace", bufsize=1)
         reaper.track(self.proc.pid)

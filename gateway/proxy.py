@@ -571,7 +571,7 @@ class Gateway:
         if (denied := self._unauthorized(request)) is not None:
             return denied
         seen: dict[str, dict] = {}
-        for model, reps in self.supervisor.replicas.items():
+        for reps in self.supervisor.replicas.values():
             for r in reps:
                 if not r.ready:
                     continue

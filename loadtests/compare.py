@@ -32,8 +32,8 @@ def compare(a: dict, b: dict) -> list[tuple[str, float | None, float | None, flo
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtests.compare", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "emugate compare") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", help="baseline result JSON (e.g. real)")
     ap.add_argument("b", help="compared result JSON (e.g. emulated)")

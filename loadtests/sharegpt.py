@@ -37,7 +37,7 @@ from locust import User, events, task
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loadtests.metrics import METRICS, RequestResult, calculate_metrics, parse_goodput, result_json  # noqa: E402
+from loadtests.metrics import RequestResult, calculate_metrics, parse_goodput, result_json  # noqa: E402
 from loadtests.plan import PlanSpec, make_plan, split_for_worker  # noqa: E402
 from loadtests.report import summary_table, write_json, write_png  # noqa: E402
 from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa: E402
@@ -82,7 +82,7 @@ def _resolve_model_and_tokenizer(host: str, opts) -> tuple[str, str]:
         root = entry.get("root")
     if tok is None:
         try:
-            from profiles.format import resolve_model_dir
+            from profiles.assets import resolve_model_dir
             tok = str(resolve_model_dir(model))
         except (FileNotFoundError, ImportError):
             tok = root or model

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.launch import ServerProcess, free_port, wait_healthy  # noqa: E402
-from profiles.format import resolve_model_dir  # noqa: E402
+from profiles.assets import resolve_model_dir  # noqa: E402
 
 MODEL = "mistral-h1024-l8"
 BUNDLED_PROFILE = "cpu-epyc-2c_mistral-h1024-l8"
@@ -43,7 +43,7 @@ def vllm_server(name: str, extra_args: list[str], env: dict[str, str] | None = N
         if step_ms is not None:
             e["EMUGATE_STEP_MS"] = str(step_ms)
         if profile:
-            from profiles.format import resolve_profile
+            from profiles.assets import resolve_profile
             e["EMUGATE_PROFILE"] = str(resolve_profile(profile))
     e.update(env or {})
     LOG_DIR.mkdir(parents=True, exist_ok=True)

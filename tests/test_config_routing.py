@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from gateway.config import ConfigError, load_config, parse_config
-from gateway.metrics import relabel_vllm_metrics, scrape_value
+from gateway.metrics import merge_vllm_metrics, scrape_value
 from gateway.routing import affinity_key, pick
 from gateway.supervisor import Replica
 from conftest import ROOT
@@ -112,15 +112,26 @@ def test_session_affinity_key_from_header_or_user():
     assert affinity_key("least_outstanding", {"user": "u1"}, {}) is None
 
 
-def test_relabel_vllm_metrics_adds_labels_and_dedupes_meta():
+def test_merged_vllm_metrics_keep_each_family_in_one_block():
+    from prometheus_client.parser import text_string_to_metric_families
     text = ('# HELP vllm:num_requests_running Running\n# TYPE vllm:num_requests_running gauge\n'
-            'vllm:num_requests_running{engine="0",model_name="m"} 3.0\nvllm:plain 1\n'
+            'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+            '# HELP vllm:e2e Latency\n# TYPE vllm:e2e histogram\n'
+            'vllm:e2e_bucket{le="1.0"} 1.0\nvllm:e2e_bucket{le="+Inf"} 2.0\nvllm:e2e_count 2.0\nvllm:e2e_sum 1.5\n'
+            '# HELP process_cpu_seconds_total cpu\n# TYPE process_cpu_seconds_total counter\n'
             'process_cpu_seconds_total 9\n')
-    seen: set[str] = set()
-    a = relabel_vllm_metrics(text, {"backend": "b", "replica": "0", "mode": "emulate"}, seen)
-    b = relabel_vllm_metrics(text, {"backend": "b", "replica": "1", "mode": "emulate"}, seen)
-    assert 'vllm:num_requests_running{backend="b",replica="0",mode="emulate",engine="0",model_name="m"} 3.0' in a
-    assert 'vllm:plain{backend="b",replica="0",mode="emulate"} 1' in a
-    assert not any(line.startswith("#") for line in b) and not any("process_cpu" in x for x in a + b)
+    out = merge_vllm_metrics([({"backend": "b", "replica": str(i), "mode": "emulate"}, text) for i in range(2)]
+                             + [({"backend": "c", "replica": "0", "mode": "real"}, "not { exposition")])
+    out = out.decode()
+    fams = list(text_string_to_metric_families(out))
+    assert [f.name for f in fams] == ["vllm:num_requests_running", "vllm:e2e"]  # once each, nothing else
+    assert out.count("# TYPE vllm:e2e histogram") == 1
+    running = fams[0].samples
+    assert [(s.labels["replica"], s.labels["engine"], s.value) for s in running] == [("0", "0", 3.0), ("1", "0", 3.0)]
+    # a histogram's samples of both replicas follow its one TYPE line
+    lines = out.splitlines()
+    first = lines.index("# TYPE vllm:e2e histogram")
+    last = max(i for i, ln in enumerate(lines) if ln.startswith("vllm:e2e"))
+    assert all(ln.startswith("vllm:e2e") for ln in lines[first + 1:last + 1]) and last - first == 8
     assert scrape_value(text, "vllm:num_requests_running") == 3.0
     assert scrape_value(text, "vllm:absent") is None

@@ -19,6 +19,8 @@ from profiles.format import Profile
 
 KV_BLOCKS = 65  # one is vLLM's reserved null block: 64 x 16 = 1024 usable tokens
 
+pytestmark = pytest.mark.e2e  # starts real vLLM processes
+
 
 def gpu_like_profile(path) -> str:
     """The bundled steps under an H100-like fingerprint (async scheduling, block 16,
@@ -57,7 +59,7 @@ def test_platform_applies_the_profiles_fingerprint(server):
     if fp["async_scheduling"]:  # CPU platform alone would force it off and use 2048/128
         assert "max_num_batched_tokens=8192" in text and "max_num_seqs=1024" in text
     assert "emulated executor ready" in text
-    assert f"KV pool sized to" in text
+    assert "KV pool sized to" in text
 
 
 @pytest.mark.parametrize("n", [1, 7, 40])

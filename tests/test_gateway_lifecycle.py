@@ -20,6 +20,8 @@ import pytest
 from conftest import LOG_DIR, MODEL, wait_for
 from gateway.launch import ServerProcess, free_port
 
+pytestmark = pytest.mark.e2e  # starts real vLLM processes
+
 
 def _gateway(cfg_text: str, name: str, tmp: Path) -> tuple[ServerProcess, str, Path]:
     cfg = tmp / f"{name}.toml"

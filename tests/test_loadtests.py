@@ -72,6 +72,7 @@ def test_sse_measurement_on_20ms_ticks():
 
 
 # ----------------------------------------------- exactness vs vLLM's code
+@pytest.mark.e2e  # compares against vLLM's own functions, in-process (a ~5 s import)
 def test_arrival_schedule_matches_vllm_get_request(monkeypatch):
     from vllm.benchmarks import serve as vserve
     slept: list[float] = []
@@ -89,7 +90,7 @@ def test_arrival_schedule_matches_vllm_get_request(monkeypatch):
         fake_now[0] = 1000.0
         kw = dict(ramp_up_strategy=ramp, ramp_up_start_rps=1 if ramp else None, ramp_up_end_rps=5 if ramp else None)
 
-        async def drain():
+        async def drain(rate=rate, burst=burst, kw=kw):
             return [x async for x in vserve.get_request(list(range(50)), rate, burst, **kw)]
 
         asyncio.run(drain())
@@ -101,10 +102,11 @@ def test_arrival_schedule_matches_vllm_get_request(monkeypatch):
         assert np.allclose(ours_nz, theirs[-len(ours_nz):], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.e2e  # compares against vLLM's own functions, in-process (a ~5 s import)
 def test_sharegpt_sampling_matches_vllm(tmp_path):
     from vllm.benchmarks.datasets.datasets import ShareGPTDataset
     from loadtests.dataset import get_tokenizer, repaired_sharegpt_path, sample_sharegpt
-    from profiles.format import resolve_model_dir
+    from profiles.assets import resolve_model_dir
     tok = get_tokenizer(str(resolve_model_dir(MODEL)))
     path = repaired_sharegpt_path()
     ours = sample_sharegpt(tok, 40, seed=3, dataset_path=path)
@@ -119,6 +121,7 @@ def test_repaired_dataset_reports_recovered_entries():
     assert truncated and 17000 < len(entries) < 18000
 
 
+@pytest.mark.e2e  # compares against vLLM's own functions, in-process (a ~5 s import)
 def test_metrics_match_vllm_calculate_metrics():
     from vllm.benchmarks.datasets.datasets import SampleRequest
     from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
@@ -156,6 +159,7 @@ def emu20():
         yield url
 
 
+@pytest.mark.e2e
 def test_headless_locust_writes_vllm_format_json_and_png(emu20, tmp_path):
     out = tmp_path / "r.json"
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",

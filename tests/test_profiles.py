@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from emu_executor.features import RequestTable, step_features
-from profiles.format import MAGIC, Profile, ProfileError, read_header, resolve_model_dir, resolve_profile
+from profiles.assets import resolve_model_dir, resolve_profile
+from profiles.format import Profile, ProfileError, read_header
 from profiles.llm_emu import convert_llm_emu, to_llm_emu_json
 from profiles.oracle import (DECODE, PREFILL, FeatureOracle, Grid2DOracle, StepFeatures, _bucket, heldout_errors,
                              profile_features)
@@ -188,7 +189,7 @@ def test_validate_report_from_run_files(tmp_path):
     import csv
     import subprocess
     import sys
-    from profiles.validate import METRIC_KEYS
+    from emugate.validate import METRIC_KEYS
     base = {k: 100.0 for k in METRIC_KEYS}
     runs = {"real": {**base, "mean_tpot_ms": 40.0}, "real2": {**base, "mean_tpot_ms": 44.0},
             "emu": {**base, "mean_tpot_ms": 43.0, "output_throughput": 99.0}}

@@ -1,9 +1,9 @@
-"""``python -m profiles validate``: real vs emulated, side by side, with the real system's own noise.
+"""``emugate profile validate``: real vs emulated, side by side, with the real system's own noise.
 
 For a real backend and an emulated backend of the same model and engine
 settings (both from one gateway config):
 
-1. capture a profile from the real backend (:mod:`profiles.capture`, seed
+1. capture a profile from the real backend (:mod:`emugate.capture`, seed
    1000) unless the emulated backend's profile exists or ``--profile`` is given;
 2. start the emulated server and *two* real servers (two starts of the same
    backend), warm each up (requests of another seed, not measured);
@@ -148,7 +148,7 @@ def main_validate(args) -> int:
         return 0
     from gateway.config import load_config
     from gateway.launch import resolve_model, started_backend, wait_healthy
-    from profiles.format import resolve_profile
+    from profiles.assets import resolve_profile
     cfg = load_config(args.config)
     real_b = cfg.backend(args.real) if args.real else next(b for b in cfg.backends if b.mode == "real")
     emu_b = cfg.backend(args.emulated) if args.emulated else next(b for b in cfg.backends if b.mode == "emulate")
@@ -159,7 +159,7 @@ def main_validate(args) -> int:
     try:
         profile = str(resolve_profile(profile))
     except FileNotFoundError:
-        from profiles.capture import SweepPlan, capture
+        from emugate.capture import SweepPlan, capture
         print(f"[validate] no profile {profile!r}: capturing one from {real_b.name} (seed 1000)")
         profile = str(out / "captured.emuprof.zst")
         capture(real_b, profile, SweepPlan(), log_file=out / "capture.log")
@@ -189,7 +189,8 @@ def main_validate(args) -> int:
                                     burstiness=burst, num_prompts=args.num_prompts, seed=args.seed,
                                     tokenizer=tokenizer)
                    for name, b in runs.items()}
-            rows.append({"rate": rate, "burst": burst, **res, "cmp": compare_runs(res["real"], res["real2"], res["emu"])})
+            cmp = compare_runs(res["real"], res["real2"], res["emu"])
+            rows.append({"rate": rate, "burst": burst, **res, "cmp": cmp})
             c = rows[-1]["cmp"]
             print(f"[validate] {i + 1}/{total} rate {rate} burstiness {burst}: "
                   + ", ".join(f"{k.replace('_ms', '')} {c[k][0]:+.1f}% (noise {c[k][1]:+.1f}%)"

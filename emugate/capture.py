@@ -93,8 +93,8 @@ class SweepPlan:
     warmup_rate: float = 2.0
 
     def grid(self) -> list[tuple[int, int]]:
-        return [(c, l) for _ in range(self.repeats) for c in self.concurrency for l in self.prompt_lens
-                if c * l <= self.token_budget]
+        return [(c, n) for _ in range(self.repeats) for c in self.concurrency for n in self.prompt_lens
+                if c * n <= self.token_budget]
 
 
 async def _post(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> None:
@@ -119,11 +119,11 @@ async def send_bursts(base_url: str, model: str, cells: list[tuple[int, int, int
     prefix cache never hits) sent together, each decoding N tokens; ``on_cell(C, L)`` after each."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
-        for c, l, n in cells:
-            prompts = [[rng.randrange(vocab_lo, vocab_hi) for _ in range(l)] for _ in range(c)]
+        for c, plen, n in cells:
+            prompts = [[rng.randrange(vocab_lo, vocab_hi) for _ in range(plen)] for _ in range(c)]
             await asyncio.gather(*(_post(client, model, p, n) for p in prompts))
             if on_cell:
-                on_cell(c, l)
+                on_cell(c, plen)
 
 
 async def run_grid(base_url: str, model: str, plan: SweepPlan, progress=None) -> None:
@@ -131,11 +131,11 @@ async def run_grid(base_url: str, model: str, plan: SweepPlan, progress=None) ->
     grid = plan.grid()
     task = progress.add_task("capture grid", total=len(grid)) if progress else None
 
-    def on_cell(c: int, l: int) -> None:
+    def on_cell(c: int, plen: int) -> None:
         if progress:
-            progress.update(task, advance=1, description=f"grid C={c} L={l}")
-    await send_bursts(base_url, model, [(c, l, plan.grid_output) for c, l in grid], random.Random(plan.capture_seed),
-                  on_cell=on_cell)
+            progress.update(task, advance=1, description=f"grid C={c} L={plen}")
+    cells = [(c, plen, plan.grid_output) for c, plen in grid]
+    await send_bursts(base_url, model, cells, random.Random(plan.capture_seed), on_cell=on_cell)
 
 
 def run_workload(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str, prefix: Path) -> list[int]:

@@ -1,0 +1,146 @@
+"""``emugate profile``: capture, build, inspect, convert-llm-emu, validate.
+
+Run ``emugate profile COMMAND --help`` for each command's options
+(``python -m profiles ...`` is the same command).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _backend_from_args(args):
+    """A BackendConfig from --config/--backend, or from --model and engine flags."""
+    from gateway.config import BackendConfig, load_config
+    if args.config:
+        cfg = load_config(args.config)
+        if args.backend:
+            return cfg, cfg.backend(args.backend)
+        return cfg, cfg.backends[0]
+    if not args.model:
+        sys.exit("error: give --config FILE [--backend NAME], or --model DIR")
+    b = BackendConfig(name="capture", model=args.model, mode="real", load_format=args.load_format,
+                      dtype=args.dtype, max_model_len=args.max_model_len, extra_args=args.extra_args or [])
+    return None, b
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which real backend (a gateway config, or a model and engine flags)")
+    g.add_argument("--config", help="gateway TOML config")
+    g.add_argument("--backend", help="backend name in --config (default: the first)")
+    g.add_argument("--model", help="model directory or bundled model name")
+    g.add_argument("--load-format", default=None, help="e.g. dummy (random weights)")
+    g.add_argument("--dtype", default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--extra-args", nargs=argparse.REMAINDER, help="passed to vLLM (put last)")
+
+
+def cmd_capture(args) -> int:
+    from emugate.capture import SweepPlan, capture
+    _, b = _backend_from_args(args)
+    if b.mode != "real":
+        b = b.model_copy(update={"mode": "real", "profile": None})
+    plan = SweepPlan(token_budget=args.token_budget, workload_requests=args.workload_requests,
+                     workload_rates=[float(x) for x in args.workload_rates.split(",") if x],
+                     capture_seed=args.seed, grid_output=args.grid_output, repeats=args.repeats,
+                     warmup_requests=args.warmup_requests)
+    if args.max_concurrency:
+        plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
+    capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log)
+    return 0
+
+
+def cmd_build(args) -> int:
+    from profiles.build import build_profile
+    prof = build_profile(args.traces, warmup_steps=args.warmup_steps)
+    prof.save(args.out)
+    print(f"{prof.num_steps} steps -> {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from profiles.summary import inspect_profile
+    print(inspect_profile(args.profile, png=args.png, heldout=not args.no_heldout))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from profiles.llm_emu import convert_llm_emu
+    prof = convert_llm_emu(args.pack)
+    prof.save(args.out)
+    print(f"{prof.num_steps} samples from {args.pack} -> {args.out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from emugate.validate import main_validate
+    return main_validate(args)
+
+
+_DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+
+
+def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("capture", formatter_class=_DEFAULTS,
+                       help="run real vLLM with the ProfilingExecutor, sweep, build a profile")
+    _add_backend_args(p)
+    p.add_argument("-o", "--out", required=True, help="profile file to write (.emuprof.zst)")
+    p.add_argument("--token-budget", type=int, default=16384, help="max concurrency x prompt tokens per grid cell")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap the grid's concurrency levels")
+    p.add_argument("--grid-output", type=int, default=24, help="tokens decoded per grid request")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the grid")
+    p.add_argument("--workload-requests", type=int, default=100,
+                   help="ShareGPT requests per workload rate, driven by the Locust workload (0: none)")
+    p.add_argument("--workload-rates", default="0.5,1,1.5",
+                   help="Poisson request rates (req/s) of the workload phase, light load to beyond saturation")
+    p.add_argument("--seed", type=int, default=1000, help="capture seed (validation must use others)")
+    p.add_argument("--warmup-requests", type=int, default=60,
+                   help="Locust requests (2 req/s, seed SEED+500) that warm the server up before recording")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="leading steps dropped (default: exactly the warm-up's steps, counted from the trace)")
+    p.add_argument("--log", default=None, help="file for the vLLM server log")
+    p.set_defaults(fn=cmd_capture)
+
+    p = sub.add_parser("build", formatter_class=_DEFAULTS,
+                       help="build a profile from ProfilingExecutor traces")
+    p.add_argument("traces", nargs="+")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("inspect", formatter_class=_DEFAULTS,
+                       help="summary, held-out oracle accuracy and a PNG latency heatmap")
+    p.add_argument("profile", help="profile file or bundled name")
+    p.add_argument("--png", default=None, help="write the heatmap here")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out accuracy table")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("convert-llm-emu", formatter_class=_DEFAULTS,
+                       help="convert an LLM-Emu serving_step_cycle_2d JSON pack")
+    p.add_argument("pack")
+    p.add_argument("-o", "--out", required=True)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("validate", formatter_class=_DEFAULTS,
+                       help="real vs emulated side by side over a rate sweep (fidelity table)")
+    from emugate.validate import add_validate_args
+    add_validate_args(p)
+    p.set_defaults(fn=cmd_validate)
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "emugate profile") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
