@@ -83,7 +83,8 @@ RAW_TEMPLATES = [
 
 def classify(status: int, body: bytes, counts: Counter, examples: dict) -> None:
     if status < 500:
-        counts[f"{status // 100}xx"] += 1
+        if status >= 300:
+            counts[f"{status // 100}xx"] += 1
         return
     try:
         etype = json.loads(body)["error"]["type"]
@@ -98,12 +99,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=2000, help="generated HTTP requests (bodies + headers)")
     ap.add_argument("--raw", type=int, default=300, help="malformed raw-socket requests")
-    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     port = free_port()
     cfg = Path(tempfile.mkdtemp()) / "fuzz.toml"
-    cfg.write_text(f'[gateway]\nport = {port}\nheader_timeout_s = 2.0\n[[backends]]\nname = "emu"\n'
-                   f'model = "{MODEL}"\nmode = "emulate"\nprofile = "{PROFILE}"\nmax_model_len = 2048\n')
+    cfg.write_text(f'[gateway]\nport = {port}\nheader_timeout_s = 2.0\nbody_timeout_s = 3.0\n'
+                   f'[[backends]]\nname = "emu"\nmodel = "{MODEL}"\nmode = "emulate"\nprofile = "{PROFILE}"\n'
+                   'max_model_len = 2048\n')
     log = ROOT / "runs" / "fuzz-gateway.log"
     log.parent.mkdir(exist_ok=True)
     gw = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg)],
@@ -122,7 +123,7 @@ def main() -> None:
         def http_case(body, path, hdrs):
             counts["requests"] += 1
             try:
-                r = client.post(url + path, content=body, headers=hdrs)
+                r = client.post(url + path, content=body, headers={"content-type": "application/json", **hdrs})
             except (httpx.RemoteProtocolError, httpx.ReadError) as e:
                 counts["dropped"] += 1
                 examples.setdefault("dropped", (repr(e), body[:200]))
@@ -133,6 +134,8 @@ def main() -> None:
             classify(r.status_code, r.content, counts, examples)
             if counts["requests"] % 250 == 0:
                 print(f"  {counts['requests']} requests: {dict(counts)}", flush=True)
+            if r.status_code == 200:
+                counts["2xx"] += 1
 
         @settings(max_examples=a.raw, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(tmpl=st.sampled_from(RAW_TEMPLATES), junk=st.binary(min_size=0, max_size=60))
@@ -148,6 +151,7 @@ def main() -> None:
             s.close()
             if not data:
                 counts["raw: closed without an answer"] += 1
+                examples.setdefault("raw: closed without an answer", tmpl.replace(b"{JUNK}", junk)[:200])
             elif data.startswith(b"HTTP/1.1 5"):
                 counts["raw: 5xx"] += 1
                 examples.setdefault("raw: 5xx", (junk, data[:200]))

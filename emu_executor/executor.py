@@ -36,9 +36,10 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from vllm.v1.executor.abstract import Executor
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
 from vllm.v1.worker.worker_base import CompilationTimes
 
 from emu_executor.features import RequestTable, ScheduledRequest, step_features
@@ -198,20 +199,22 @@ class EmulatedExecutor(Executor):
         mc = self.model_config
         vocab = mc.get_vocab_size()
         eos = getattr(mc.hf_config, "eos_token_id", None)
-        decode, special = None, set()
+        decode, encode, special = None, None, set()
         try:
             from vllm.tokenizers import cached_tokenizer_from_config
             tok = cached_tokenizer_from_config(mc)
             eos = tok.eos_token_id
             special = set(getattr(tok, "all_special_ids", []) or [])
             decode = lambda i: tok.decode([i])  # noqa: E731
+            encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
         except Exception as e:  # skip_tokenizer_init or an unusual tokenizer
             logger.warning("emugate: tokenizer unavailable (%s); tokens drawn by id range", e)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         t0 = time.perf_counter()
         out_lens = self.profile.output_lengths if self.profile is not None else None
-        tokens = SyntheticTokens(vocab, eos, decode, out_lens, seed=self.settings.seed, special_ids=special)
+        tokens = SyntheticTokens(vocab, eos, decode, out_lens, seed=self.settings.seed, special_ids=special,
+                                 encode=encode)
         logger.info("emugate: token pool of %d words built in %.2f s", len(tokens.pool), time.perf_counter() - t0)
         return tokens
 
@@ -323,7 +326,7 @@ class EmulatedExecutor(Executor):
         reqs = self.requests.update(so)
         for nr in so.scheduled_new_reqs:
             if nr.req_id not in self.token_state and nr.sampling_params is not None:
-                self.token_state[nr.req_id] = self.tokens.new_request(nr.sampling_params)
+                self.token_state[nr.req_id] = self.tokens.new_request(nr.sampling_params, nr.prompt_token_ids)
         if so.total_num_scheduled_tokens == 0:
             out = EMPTY_MODEL_RUNNER_OUTPUT
         else:
@@ -356,10 +359,14 @@ class EmulatedExecutor(Executor):
                 allowed_rows[rid] = rows[i]
         req_ids: list[str] = []
         sampled: list[list[int]] = []
+        prompt_logprobs: dict = {}
         width = 0
         for r in step.reqs:
             req_ids.append(r.req_id)
             st = self.token_state.get(r.req_id)
+            if st is not None and st.num_prompt_logprobs is not None and not st.prompt_logprobs_sent \
+                    and r.num_computed + r.num_scheduled >= r.prompt_len:
+                prompt_logprobs[r.req_id] = self._prompt_logprobs(st)
             if not r.due or st is None:
                 sampled.append([])
                 continue
@@ -368,7 +375,14 @@ class EmulatedExecutor(Executor):
                 width = max(width, st.num_logprobs + 1)
         logprobs = self._logprobs(req_ids, sampled, width) if width else None
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                 sampled_token_ids=sampled, logprobs=logprobs)
+                                 sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs)
+
+    def _prompt_logprobs(self, st) -> LogprobsTensors:
+        """The whole prompt's logprobs, once, in the step that completes its prefill (as vLLM's GPU runner)."""
+        st.prompt_logprobs_sent = True
+        ids, lps, ranks = self.tokens.prompt_logprob_rows(st)
+        st.prompt_ids = None
+        return LogprobsTensors(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(ranks))
 
     def _logprobs(self, req_ids: list[str], sampled: list[list[int]], width: int) -> LogprobsLists:
         ids = np.zeros((len(req_ids), width), dtype=np.int32)

@@ -5,6 +5,11 @@ Rules (issue 2):
 * never a special or control id: tokens come from a *pool* of ordinary,
   word-like vocabulary entries (decoded text matching ``_WORD``), built once
   from the model's real tokenizer, so detokenized output reads as words;
+* text that round-trips: with the tokenizer's ``encode`` at hand, the pool
+  keeps only words that start with a space and encode back to exactly their
+  own single id (``_SPACE_WORD``), so the detokenized completion re-tokenizes
+  to as many tokens as were emitted (tools that count tokens from text agree
+  with ``usage.completion_tokens``; ``benchmarks/token_roundtrip.py``);
 * a request without ``ignore_eos`` ends with EOS at an output length drawn
   from the profile's recorded output-length distribution (capped by vLLM at
   ``max_tokens``; never before ``min_tokens``); with ``ignore_eos`` it runs
@@ -14,7 +19,14 @@ Rules (issue 2):
   length is reached it prefers EOS, then ids that close a JSON value
   (``"``, ``}``, ``]``), so ``response_format`` JSON comes back complete;
 * logprobs/top_logprobs: synthetic values in vLLM's ``LogprobsLists`` layout
-  (sampled token first, rank 1).
+  (sampled token first, rank 1);
+* prompt logprobs (``prompt_logprobs``, and ``echo`` with ``logprobs`` in
+  completions): one row per prompt token after the first, emitted once, in the
+  step whose prefill completes the prompt, as vLLM's GPU runner does
+  (``_get_prompt_logprobs_dict`` in vllm/v1/worker/gpu_model_runner.py): the
+  prompt token itself first with a rank beyond the top-k (a model rarely ranks
+  an arbitrary prompt token in its top few), then k pool words with
+  descending log-probabilities.
 
 Randomness: one ``random.Random`` per request, seeded from the request's
 ``SamplingParams.seed`` when given (reproducible outputs), otherwise from
@@ -29,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _WORD = re.compile(r"^ ?[A-Za-z]{2,12}$")
+_SPACE_WORD = re.compile(r"^ [a-z]{2,12}$")
 _CLOSER = re.compile(r'^\s*["}\]]+\s*$')
 _WS = re.compile(r"^\s+$")
 
@@ -50,6 +63,9 @@ class TokenState:
     target_len: int | None  # None: no EOS (ignore_eos)
     num_logprobs: int | None
     eos_allowed_after: int  # min_tokens
+    prompt_ids: list[int] | None = None  # kept only when prompt logprobs are asked for
+    num_prompt_logprobs: int | None = None
+    prompt_logprobs_sent: bool = False
 
 
 class SyntheticTokens:
@@ -63,11 +79,14 @@ class SyntheticTokens:
         output_lengths: recorded natural output lengths (tokens), may be empty.
         seed: seeds the pool choice and the per-request stream.
         special_ids: ids that must never be emitted.
+        encode: text -> ids without special tokens (from the tokenizer); when
+            given, pool words must start with a space and encode back to their
+            own single id, so emitted text round-trips (module docstring).
     """
 
     def __init__(self, vocab_size: int, eos_id: int | None, decode=None,
                  output_lengths: np.ndarray | None = None, seed: int = 0,
-                 special_ids: set[int] | None = None, pool_size: int = 4096):
+                 special_ids: set[int] | None = None, pool_size: int = 4096, encode=None):
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self._rng = random.Random(seed)
@@ -89,27 +108,53 @@ class SyntheticTokens:
                 if not text:
                     continue
                 if _WORD.match(text):
-                    pool.append(i)
+                    pool.append((i, text))
                 elif _CLOSER.match(text):
                     closers.append(i)
                 elif _WS.match(text):
                     ws.append(i)
         else:
             lo = min(1000, vocab_size // 4)
-            pool = [i for i in range(lo, vocab_size) if i not in special]
+            pool = [(i, None) for i in range(lo, vocab_size) if i not in special]
         if not pool:
             raise ValueError("no ordinary (word-like) token found in the vocabulary")
         self._rng.shuffle(pool)
-        self.pool = pool[:pool_size]
+        if encode is not None:
+            pool = self._round_trip_words(pool, encode, pool_size) or pool
+        self.pool = [i for i, _ in pool[:pool_size]]
         self.pool_arr = np.array(self.pool, dtype=np.int64)
         self.closers = np.array(closers, dtype=np.int64)
         self.whitespace = np.array(ws, dtype=np.int64)
         self.special = special
         self._special_arr = np.array(sorted(i for i in special if 0 <= i < vocab_size), dtype=np.int64)
 
+    @staticmethod
+    def _round_trip_words(pool: list[tuple[int, str]], encode, limit: int) -> list[tuple[int, str]]:
+        """The first ``limit`` words of ``pool`` that start with a space and encode back to their own id alone.
+
+        A space-led word is a pre-tokenizer boundary for BPE (tiktoken, tekken) and SentencePiece
+        tokenizers alike, so a sequence of such words re-encodes word by word.
+        """
+        out = []
+        for i, text in pool:
+            if text is None or not _SPACE_WORD.match(text):
+                continue
+            try:
+                if list(encode(text)) != [i] or list(encode(text + text)) != [i, i]:
+                    continue
+            except Exception:
+                continue
+            out.append((i, text))
+            if len(out) >= limit:
+                break
+        return out
+
     # ----------------------------------------------------------- requests
-    def new_request(self, sampling_params) -> TokenState:
-        """State for a request entering the batch (reads ignore_eos, min_tokens, seed, logprobs)."""
+    def new_request(self, sampling_params, prompt_ids: list[int] | None = None) -> TokenState:
+        """State for a request entering the batch (reads ignore_eos, min_tokens, seed, logprobs, prompt_logprobs).
+
+        ``prompt_ids``: the request's prompt token ids (kept only if it asks for prompt logprobs).
+        """
         sp = sampling_params
         seed = getattr(sp, "seed", None)
         rng = random.Random(seed if seed is not None else self._rng.getrandbits(63))
@@ -122,7 +167,37 @@ class SyntheticTokens:
         nlp = getattr(sp, "logprobs", None)
         if nlp is not None and nlp < 0:
             nlp = MAX_LOGPROBS
-        return TokenState(rng, target, nlp, int(getattr(sp, "min_tokens", 0) or 0))
+        npl = getattr(sp, "prompt_logprobs", None)
+        if npl is not None and npl < 0:
+            npl = MAX_LOGPROBS
+        return TokenState(rng, target, nlp, int(getattr(sp, "min_tokens", 0) or 0),
+                          list(prompt_ids) if npl is not None and prompt_ids is not None else None, npl)
+
+    def prompt_logprob_rows(self, st: TokenState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prompt logprobs of a request: (token ids [P-1, k+1] int32, logprobs [P-1, k+1] float32 (nats),
+        ranks of the prompt tokens [P-1] int32), P the prompt length and k ``num_prompt_logprobs``.
+
+        Row j describes prompt token j+1: column 0 is that token with its logprob and rank (> k), columns
+        1..k the top-k (pool words, log-probabilities descending, all above column 0's).
+        """
+        ids_in = st.prompt_ids or []
+        k = int(st.num_prompt_logprobs or 0)
+        n = max(0, len(ids_in) - 1)
+        rng = st.rng
+        ids = np.zeros((n, k + 1), dtype=np.int32)
+        lps = np.zeros((n, k + 1), dtype=np.float32)
+        ranks = np.zeros(n, dtype=np.int32)
+        for j in range(n):
+            top = -rng.expovariate(2.0)
+            row_lps = [top]
+            for _ in range(k - 1):
+                row_lps.append(row_lps[-1] - rng.expovariate(1.0) - 0.01)
+            target_lp = (row_lps[-1] if k else top) - rng.expovariate(0.5) - 0.01
+            ids[j, 0], lps[j, 0], ranks[j] = ids_in[j + 1], target_lp, k + 1 + int(rng.expovariate(0.01))
+            for c in range(k):
+                ids[j, c + 1] = self.pool[int(rng.random() * len(self.pool))]
+                lps[j, c + 1] = row_lps[c]
+        return ids, lps, ranks
 
     def draw_length(self, rng: random.Random) -> int:
         """An output length (tokens, >= 1) from the profile's distribution."""

@@ -291,21 +291,12 @@ class Forwarder:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _Reject(413, f"The request body is {int(declared)} bytes; this gateway accepts at most {limit} "
                                "(max_body_bytes)", "invalid_request_error", kind="too_large")
-        msg = await receive()  # the usual case: the whole body is already here
-        if msg["type"] == "http.disconnect":
-            raise _ClientGone
-        if not msg.get("more_body", False):
-            body = msg.get("body", b"")
-            if len(body) > limit:
-                raise _Reject(413, f"The request body exceeds {limit} bytes (max_body_bytes)",
-                              "invalid_request_error", kind="too_large")
-            return body
-        chunks = [msg.get("body", b"")]
-        n = len(chunks[0])
+        chunks: list[bytes] = []
+        n = 0
         try:
             async with asyncio.timeout(g.body_timeout_s):
                 while True:
-                    msg = await receive()
+                    msg = await receive()  # usually the whole body, already buffered by the server
                     if msg["type"] == "http.disconnect":
                         raise _ClientGone
                     b = msg.get("body", b"")
@@ -313,9 +304,9 @@ class Forwarder:
                     if n > limit:
                         raise _Reject(413, f"The request body exceeds {limit} bytes (max_body_bytes)",
                                       "invalid_request_error", kind="too_large")
-                    chunks.append(b)
                     if not msg.get("more_body", False):
-                        return b"".join(chunks)
+                        return b"".join(chunks) + b if chunks else b
+                    chunks.append(b)
         except TimeoutError:
             raise _Reject(408, f"The request body did not arrive within body_timeout_s ({g.body_timeout_s:g} s)",
                           "invalid_request_error", kind="timeout", close=True) from None

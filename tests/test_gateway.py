@@ -377,3 +377,19 @@ def test_metrics_merge_is_valid_exposition_with_every_replica(gw):
     running = next(f for f in fams if f.name == "vllm:num_requests_running")
     assert {(s.labels["backend"], s.labels["replica"]) for s in running.samples} == {
         ("emu", "0"), ("emu", "1"), ("cpu-real", "0")}
+
+
+def test_echo_logprobs_and_prompt_logprobs_through_the_gateway_match_real_vllm(gw):
+    """Issue 12's reports, through the gateway: the emulated backend answers echo+logprobs and
+    prompt_logprobs with the real backend's shapes (same model directory, dummy weights on the real one)."""
+    from emugate.conformance import Case, compare
+    url, *_ = gw
+    for body in ({"prompt": "one two three four", "echo": True, "logprobs": 2, "max_tokens": 3, "ignore_eos": True},
+                 {"prompt": "one two three four", "prompt_logprobs": 1, "max_tokens": 3, "ignore_eos": True}):
+        real = httpx.post(url + "/v1/completions", json={"model": REAL_MODEL, **body}, timeout=120)
+        emu = httpx.post(url + "/v1/completions", json={"model": MODEL, **body}, timeout=120)
+        assert real.status_code == emu.status_code == 200, emu.text
+        assert compare(Case("x", "/v1/completions", body), real, emu).diffs == []
+        if "prompt_logprobs" in body:
+            pl = emu.json()["choices"][0]["prompt_logprobs"]
+            assert pl[0] is None and len(pl) == emu.json()["usage"]["prompt_tokens"] and all(pl[1:])
