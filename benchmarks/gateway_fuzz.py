@@ -81,7 +81,7 @@ RAW_TEMPLATES = [
 ]
 
 
-def classify(status: int, body: bytes, counts: Counter, examples: dict) -> None:
+def classify(status: int, body: bytes, counts: Counter, examples: dict, sent=None) -> None:
     if status < 500:
         if status >= 300:
             counts[f"{status // 100}xx"] += 1
@@ -92,7 +92,7 @@ def classify(status: int, body: bytes, counts: Counter, examples: dict) -> None:
         etype = None
     key = "5xx from the gateway" if etype in GATEWAY_TYPES or etype is None else "5xx passed through from vLLM"
     counts[key] += 1
-    examples.setdefault(key, (status, body[:200]))
+    examples.setdefault(key, (status, body[:200], sent))
 
 
 def main() -> None:
@@ -131,7 +131,7 @@ def main() -> None:
             except httpx.TimeoutException:
                 counts["client timeout"] += 1
                 return
-            classify(r.status_code, r.content, counts, examples)
+            classify(r.status_code, r.content, counts, examples, (path, hdrs, body[:300]))
             if counts["requests"] % 250 == 0:
                 print(f"  {counts['requests']} requests: {dict(counts)}", flush=True)
             if r.status_code == 200:

@@ -46,9 +46,10 @@ log lines; it is not sent to vLLM (a client could otherwise collide with
 another client's request id inside the engine).
 
 Lifecycle of one request: the whole exchange has ``request_timeout_s`` from
-its first byte; a client that disconnects at any point (before the replica
-answered, or mid-stream) cancels the upstream request, whose connection is
-then closed, so vLLM aborts it. Past the deadline: 504 if nothing was sent
+its first byte (``asyncio.timeout_at``); a client that disconnects at any
+point (before the replica answered, or mid-stream) makes the request's one
+watcher task cancel the request's own task, which closes the upstream
+connection, so vLLM aborts it. Past the deadline: 504 if nothing was sent
 yet, else an SSE ``error`` event ends the stream. A replica that refuses the
 connection, or drops it before answering, is retried on another ready replica
 (nothing has reached the client yet). Once bytes have been sent, an upstream
@@ -186,6 +187,12 @@ class _Exchange:
             self.finished = True
         await self.send({"type": "http.response.body", "body": data, "more_body": more})
 
+    async def json(self, status: int, body: bytes, headers: list) -> None:
+        """A whole JSON answer (an error the gateway writes itself)."""
+        await self.start(status, [(b"content-type", b"application/json"),
+                                  (b"content-length", str(len(body)).encode())] + headers)
+        await self.body(body, more=False)
+
 
 async def _until_disconnect(receive) -> None:
     # the request body has been read, so receive() now returns only when the
@@ -203,7 +210,7 @@ class Forwarder:
     async def __call__(self, scope, receive, send) -> None:
         gw = self.gw
         t_recv = time.perf_counter()
-        deadline = time.monotonic() + gw.config.gateway.request_timeout_s
+        t_deadline = asyncio.get_running_loop().time() + gw.config.gateway.request_timeout_s
         headers = scope["headers"]
         rid = request_id(headers)
         rid_s = rid.decode()
@@ -247,33 +254,36 @@ class Forwarder:
         series = gw.children(backend)
         gw.in_flight += 1
         series.in_flight.inc()
-        fwd = asyncio.ensure_future(self._dispatch(ex, replicas, model, key, scope["method"], path, body, hdrs,
-                                                   t_recv, backend, rid))
-        watch = asyncio.ensure_future(_until_disconnect(receive))
+        # one watcher per request: a disconnect cancels this task, which closes the upstream connection
+        task = asyncio.current_task()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            await _until_disconnect(receive)
+            if not ex.finished:
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            done, _ = await asyncio.wait((fwd, watch), timeout=max(0.0, deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if fwd in done:
-                fwd.result()
-            elif watch in done:  # the client left: cancelling closes the upstream connection, vLLM aborts
-                gw.metrics.errors.labels(backend, "client_disconnect").inc()
-                log.info("request %s: client disconnected; upstream request cancelled", rid_s)
-            else:
-                gw.metrics.errors.labels(backend, "timeout").inc()
-                fwd.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await fwd
-                log.warning("request %s: request_timeout_s (%.0f s) reached; upstream request cancelled", rid_s,
-                            gw.config.gateway.request_timeout_s)
-                await self._fail(ex, 504, f"The request did not complete within request_timeout_s "
-                                          f"({gw.config.gateway.request_timeout_s:g} s)", "GatewayTimeoutError",
-                                 rid)
+            async with asyncio.timeout_at(t_deadline):
+                await self._dispatch(ex, replicas, model, key, scope["method"], path, body, hdrs, t_recv, backend,
+                                     rid)
+        except TimeoutError:
+            gw.metrics.errors.labels(backend, "timeout").inc()
+            log.warning("request %s: request_timeout_s (%g s) reached; upstream request cancelled", rid_s,
+                        gw.config.gateway.request_timeout_s)
+            await self._fail(ex, 504, f"The request did not complete within request_timeout_s "
+                                      f"({gw.config.gateway.request_timeout_s:g} s)", "GatewayTimeoutError", rid)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # the client left: vLLM sees its connection close and aborts the request
+            gw.metrics.errors.labels(backend, "client_disconnect").inc()
+            log.info("request %s: client disconnected; upstream request cancelled", rid_s)
         finally:
-            for t in (fwd, watch):
-                if not t.done():
-                    t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await fwd
+            watcher.cancel()
             gw.in_flight -= 1
             series.in_flight.dec()
 
@@ -332,7 +342,7 @@ class Forwarder:
         """End the exchange with an error: JSON if nothing was sent, else an SSE error event (or cut the body)."""
         body = error_body(message, type_, status, request_id=rid.decode())
         if not ex.started:
-            await _send_json(ex.send, status, body, [(b"x-request-id", rid)])
+            await ex.json(status, body, [(b"x-request-id", rid)])
         elif ex.finished:
             return
         elif ex.is_sse:
@@ -346,14 +356,19 @@ class Forwarder:
         """Pick replicas until one answers; retries only where nothing reached the client or a replica."""
         gw = self.gw
         tried: set[int] = set()
+        outcome = ""
         while True:
             r = pick(replicas, gw.routing, key, tried)
+            if r is None and outcome == "disconnected":
+                await ex.json(502, error_body(
+                    f"Every ready replica of `{model}` closed the connection before answering", "BadGatewayError",
+                    502, request_id=rid.decode()), [(b"x-request-id", rid)])
+                return
             if r is None:
                 gw.metrics.errors.labels(backend, "no_replica").inc()
                 msg = f"No ready replica for model `{model}` (starting or restarting); retry shortly"
-                await _send_json(ex.send, 503, error_body(msg, "ServiceUnavailableError", 503,
-                                                          request_id=rid.decode()),
-                                 [(b"retry-after", b"2"), (b"x-request-id", rid)])
+                await ex.json(503, error_body(msg, "ServiceUnavailableError", 503, request_id=rid.decode()),
+                              [(b"retry-after", b"2"), (b"x-request-id", rid)])
                 return
             tried.add(id(r))
             r.outstanding += 1
@@ -384,12 +399,15 @@ class Forwarder:
             gw.metrics.errors.labels(backend, "connect").inc()
             log.warning("request %s: %s unreachable (%s); trying another replica", rid_s, r.name, e)
             return "unreachable"
-        except aiohttp.ServerDisconnectedError as e:
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            # closed or reset before any response byte (e.g. a pooled connection the replica was closing)
             gw.metrics.errors.labels(backend, "connect").inc()
-            log.warning("request %s: %s closed the connection before answering (%s)", rid_s, r.name, e)
+            log.warning("request %s: %s closed the connection before answering (%s: %s)", rid_s, r.name,
+                        e.__class__.__name__, e)
             return "disconnected"
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             timeout = isinstance(e, asyncio.TimeoutError)
+            log.warning("request %s: %s failed before answering (%s: %s)", rid_s, r.name, e.__class__.__name__, e)
             gw.metrics.errors.labels(backend, "timeout" if timeout else "stream").inc()
             what = f"sent no response head for idle_timeout_s ({gw.config.gateway.idle_timeout_s:g} s)" \
                 if timeout else f"failed before answering ({e.__class__.__name__}: {e})"
