@@ -43,6 +43,25 @@ def emulated_server(extra_args=(), env=None, step_ms=None, profile=PROFILE, name
         proc.stop(grace_s=30)
 
 
+def start_gateway(name: str, config_toml: str, args: tuple[str, ...] = ()) -> tuple[str, "ServerProcess", Path]:
+    """Start ``python -m gateway`` on a free port with ``[gateway]\nport = N\n`` + ``config_toml``.
+
+    Returns (base URL, process, log file ``runs/<name>-gateway.log``) right after the start: wait with
+    ``wait_healthy(url, proc, path="/ready")``; stop with ``proc.stop()``.
+    """
+    import tempfile
+    port = free_port()
+    cfg = Path(tempfile.mkdtemp()) / f"{name}.toml"
+    cfg.write_text(f"[gateway]\nport = {port}\n{config_toml}")
+    log = ROOT / "runs" / f"{name}-gateway.log"
+    log.parent.mkdir(exist_ok=True)
+    log.unlink(missing_ok=True)
+    proc = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg), *args],
+                         {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"), log_file=log)
+    proc.start()
+    return f"http://127.0.0.1:{port}", proc, log
+
+
 def pct(values, p):
     import numpy as np
     return float(np.percentile(values, p)) if len(values) else float("nan")

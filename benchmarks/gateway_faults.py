@@ -28,15 +28,12 @@ import os
 import random
 import re
 import signal
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 
-from _common import MODEL, PROFILE, ROOT, ServerProcess, free_port, wait_healthy
+from _common import MODEL, PROFILE, start_gateway, wait_healthy
 
 
 def groups_alive(pgids: set[int]) -> list[int]:
@@ -106,17 +103,9 @@ def main() -> None:
     ap.add_argument("--streamers", type=int, default=16)
     ap.add_argument("--callers", type=int, default=4)
     a = ap.parse_args()
-    port = free_port()
-    cfg = Path(tempfile.mkdtemp()) / "faults.toml"
-    cfg.write_text(f'[gateway]\nport = {port}\n[[backends]]\nname = "emu"\nmodel = "{MODEL}"\nmode = "emulate"\n'
-                   f'profile = "{PROFILE}"\nreplicas = 2\nmax_model_len = 2048\n'
-                   f'extra_args = ["--num-gpu-blocks-override", "1024"]\n')
-    log = ROOT / "runs" / "faults-gateway.log"
-    log.parent.mkdir(exist_ok=True)
-    gw = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg)],
-                       {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"), log_file=log)
-    gw.start()
-    url = f"http://127.0.0.1:{port}"
+    url, gw, log = start_gateway("faults", f'[[backends]]\nname = "emu"\nmodel = "{MODEL}"\nmode = "emulate"\n'
+                                           f'profile = "{PROFILE}"\nreplicas = 2\nmax_model_len = 2048\n'
+                                           'extra_args = ["--num-gpu-blocks-override", "1024"]\n')
     wait_healthy(url, gw, timeout_s=300, path="/ready")
     res = {"ok": 0, "lost": [], "cut": [], "other": []}
     kills: list[tuple[float, str]] = []

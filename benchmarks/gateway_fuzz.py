@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import sys
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _common import MODEL, PROFILE, ROOT, ServerProcess, free_port, wait_healthy
+from _common import MODEL, PROFILE, start_gateway, wait_healthy
 
 GATEWAY_TYPES = {"BadGatewayError", "GatewayTimeoutError", "ServiceUnavailableError"}
 PATHS = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/v1/responses",
@@ -100,17 +96,10 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=2000, help="generated HTTP requests (bodies + headers)")
     ap.add_argument("--raw", type=int, default=300, help="malformed raw-socket requests")
     a = ap.parse_args()
-    port = free_port()
-    cfg = Path(tempfile.mkdtemp()) / "fuzz.toml"
-    cfg.write_text(f'[gateway]\nport = {port}\nheader_timeout_s = 2.0\nbody_timeout_s = 3.0\n'
-                   f'[[backends]]\nname = "emu"\nmodel = "{MODEL}"\nmode = "emulate"\nprofile = "{PROFILE}"\n'
-                   'max_model_len = 2048\n')
-    log = ROOT / "runs" / "fuzz-gateway.log"
-    log.parent.mkdir(exist_ok=True)
-    gw = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg)],
-                       {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"), log_file=log)
-    gw.start()
-    url = f"http://127.0.0.1:{port}"
+    url, gw, _ = start_gateway("fuzz", f'header_timeout_s = 2.0\nbody_timeout_s = 3.0\n[[backends]]\nname = "emu"\n'
+                                       f'model = "{MODEL}"\nmode = "emulate"\nprofile = "{PROFILE}"\n'
+                                       'max_model_len = 2048\n')
+    port = int(url.rsplit(":", 1)[1])
     counts: Counter = Counter()
     examples: dict = {}
     try:

@@ -23,14 +23,12 @@ import json
 import os
 import random
 import re
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-from _common import MODEL, PROFILE, ROOT, ServerProcess, free_port, wait_healthy
+from _common import MODEL, PROFILE, start_gateway, wait_healthy
 
 
 def rss_fds(pid: int) -> tuple[float, int]:
@@ -90,18 +88,10 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--max-num-seqs", type=int, default=256, help="per replica")
     a = ap.parse_args()
-    port = free_port()
-    tmp = Path(tempfile.mkdtemp())
-    cfg = tmp / "soak.toml"
-    cfg.write_text(f'[gateway]\nport = {port}\n[[backends]]\nname = "emu"\nmodel = "{MODEL}"\nmode = "emulate"\n'
-                   f'profile = "{PROFILE}"\nreplicas = {a.replicas}\nmax_model_len = 2048\n'
-                   f'extra_args = ["--max-num-seqs", "{a.max_num_seqs}", "--num-gpu-blocks-override", "2048"]\n')
-    log = ROOT / "runs" / "soak-gateway.log"
-    log.parent.mkdir(exist_ok=True)
-    gw = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg), "--log-level", "warning"],
-                       {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"), log_file=log)
-    gw.start()
-    url = f"http://127.0.0.1:{port}"
+    url, gw, _ = start_gateway("soak", f'[[backends]]\nname = "emu"\nmodel = "{MODEL}"\nmode = "emulate"\n'
+                                       f'profile = "{PROFILE}"\nreplicas = {a.replicas}\nmax_model_len = 2048\n'
+                                       f'extra_args = ["--max-num-seqs", "{a.max_num_seqs}", '
+                                       '"--num-gpu-blocks-override", "2048"]\n', ("--log-level", "warning"))
     try:
         print(f"gateway ready in {wait_healthy(url, gw, timeout_s=300, path='/ready'):.0f} s; "
               f"{a.streams} streams for {a.seconds:.0f} s", flush=True)
