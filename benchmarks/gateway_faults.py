@@ -34,20 +34,7 @@ import aiohttp
 import numpy as np
 
 from _common import MODEL, PROFILE, start_gateway, wait_healthy
-
-
-def groups_alive(pgids: set[int]) -> list[int]:
-    """Live (non-zombie) processes in any of these process groups."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[2]) in pgids:
-                out.append(int(d))
-    return out
+from gateway.launch import group_members
 
 
 async def streamer(i, s, url, stop, res):
@@ -142,9 +129,9 @@ def main() -> None:
     pgids = {int(p) for p in re.findall(r"started \S+ \(pid (\d+)", log.read_text())}
     os.kill(gw.pid, signal.SIGKILL)
     t0 = time.monotonic()
-    while groups_alive(pgids) and time.monotonic() - t0 < 5:
+    while group_members(pgids) and time.monotonic() - t0 < 5:
         time.sleep(0.05)
-    left = groups_alive(pgids)
+    left = group_members(pgids)
     gone_after = time.monotonic() - t0
     gw.stop(grace_s=1)
     delays = []

@@ -364,8 +364,7 @@ class EmulatedExecutor(Executor):
         for r in step.reqs:
             req_ids.append(r.req_id)
             st = self.token_state.get(r.req_id)
-            if st is not None and st.num_prompt_logprobs is not None and not st.prompt_logprobs_sent \
-                    and r.num_computed + r.num_scheduled >= r.prompt_len:
+            if st is not None and st.prompt_ids is not None and r.num_computed + r.num_scheduled >= r.prompt_len:
                 prompt_logprobs[r.req_id] = self._prompt_logprobs(st)
             if not r.due or st is None:
                 sampled.append([])
@@ -379,9 +378,8 @@ class EmulatedExecutor(Executor):
 
     def _prompt_logprobs(self, st) -> LogprobsTensors:
         """The whole prompt's logprobs, once, in the step that completes its prefill (as vLLM's GPU runner)."""
-        st.prompt_logprobs_sent = True
         ids, lps, ranks = self.tokens.prompt_logprob_rows(st)
-        st.prompt_ids = None
+        st.prompt_ids = None  # sent: never again, even if the request is preempted and recomputed
         return LogprobsTensors(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(ranks))
 
     def _logprobs(self, req_ids: list[str], sampled: list[list[int]], width: int) -> LogprobsLists:

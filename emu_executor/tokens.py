@@ -63,9 +63,8 @@ class TokenState:
     target_len: int | None  # None: no EOS (ignore_eos)
     num_logprobs: int | None
     eos_allowed_after: int  # min_tokens
-    prompt_ids: list[int] | None = None  # kept only when prompt logprobs are asked for
+    prompt_ids: list[int] | None = None  # kept only when prompt logprobs are asked for, until they are sent
     num_prompt_logprobs: int | None = None
-    prompt_logprobs_sent: bool = False
 
 
 class SyntheticTokens:

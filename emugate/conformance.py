@@ -315,7 +315,8 @@ def _usage_check(case: Case, body: dict, who: str) -> list[str]:
     ct = u["completion_tokens"]
     if mx is not None and ct > mx * n:
         diffs.append(f"{who}: completion_tokens {ct} > max_tokens {mx} x {n}")
-    if b.get("ignore_eos") and mx is not None and not b.get("stop") and ct != mx * n and "stop" not in str(b):
+    stops = any(k.startswith("stop") for k in b)  # stop strings or stop_token_ids may end a choice early
+    if b.get("ignore_eos") and mx is not None and not stops and ct != mx * n:
         diffs.append(f"{who}: ignore_eos but completion_tokens {ct} != {mx} x {n}")
     if u.get("total_tokens") is not None and u["total_tokens"] != u["prompt_tokens"] + ct:
         diffs.append(f"{who}: total_tokens != prompt + completion")
@@ -324,9 +325,10 @@ def _usage_check(case: Case, body: dict, who: str) -> list[str]:
 
 def _usage_diffs(case: Case, real: dict, emu: dict) -> list[str]:
     """The usage rules the emulated answer breaks and the real one keeps (vLLM's own quirks are not differences)."""
-    strip = lambda msgs: {m.split(": ", 1)[1].split(" ")[0] for m in msgs}  # noqa: E731 (the rule's first word)
-    real_broken = strip(_usage_check(case, real, "real"))
-    return [m for m in _usage_check(case, emu, "emulated") if m.split(": ", 1)[1].split(" ")[0] not in real_broken]
+    def rule(msg: str) -> str:  # "who: completion_tokens 7 > ..." -> "completion_tokens"
+        return msg.split(": ", 1)[1].split(" ")[0]
+    real_broken = {rule(m) for m in _usage_check(case, real, "real")}
+    return [m for m in _usage_check(case, emu, "emulated") if rule(m) not in real_broken]
 
 
 def compare(case: Case, real: httpx.Response, emu: httpx.Response) -> Result:
@@ -350,10 +352,7 @@ def compare(case: Case, real: httpx.Response, emu: httpx.Response) -> Result:
         r.diffs += _shape_diffs(sr, se)
         for e, f in zip(dr[-1:], de[-1:]):
             r.diffs += _usage_diffs(case, e, f)
-        for e in dr + de:
-            for c in e.get("choices") or []:
-                if c.get("finish_reason") not in FINISH_REASONS:
-                    r.diffs.append(f"finish_reason {c.get('finish_reason')!r} outside the domain")
+        r.diffs += _finish_reason_diffs(dr + de)
         return r
     try:
         jr, je = real.json(), emu.json()
@@ -373,14 +372,17 @@ def compare(case: Case, real: httpx.Response, emu: httpx.Response) -> Result:
         if ur.get("prompt_tokens") != ue.get("prompt_tokens"):
             r.diffs.append(f"usage.prompt_tokens {ur.get('prompt_tokens')} vs {ue.get('prompt_tokens')}")
         r.diffs += _usage_diffs(case, jr, je)
-        for c in je.get("choices") or []:
-            if c.get("finish_reason") not in FINISH_REASONS:
-                r.diffs.append(f"finish_reason {c.get('finish_reason')!r} outside the domain")
+        r.diffs += _finish_reason_diffs([jr, je])
         for k in ("count", "tokens", "max_model_len"):  # /tokenize
             if k in jr and jr.get(k) != je.get(k):
                 r.diffs.append(f"{k} {jr.get(k)} vs {je.get(k)}")
         r.diffs += _logprob_diffs(jr, je)
     return r
+
+
+def _finish_reason_diffs(docs: list[dict]) -> list[str]:
+    return [f"finish_reason {c.get('finish_reason')!r} outside the domain"
+            for d in docs for c in (d.get("choices") or []) if c.get("finish_reason") not in FINISH_REASONS]
 
 
 def _shape_diffs(sr: dict[str, str], se: dict[str, str]) -> list[str]:

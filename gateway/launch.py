@@ -138,6 +138,27 @@ for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
 """
 
 
+def group_members(pgids: set[int] | list[int]) -> list[int]:
+    """Pids of live (non-zombie) processes in any of these process groups (Linux ``/proc``).
+
+    A replica's group holds vLLM's API server, engine core and workers; an
+    empty answer means none of them survived.
+    """
+    wanted = set(pgids)
+    alive = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) in wanted:
+            alive.append(int(d))
+    return alive
+
+
 class Reaper:
     """One watchdog process per parent that kills registered process groups when the parent dies.
 

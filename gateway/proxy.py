@@ -97,11 +97,17 @@ def error_body(message: str, type_: str, code: int | str, param: str | None = No
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
-async def _send_json(send, status: int, body: bytes, extra_headers: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())] + (extra_headers or [])})
-    await send({"type": "http.response.body", "body": body})
+#: The 401 text, for the forwarding route and the gateway's own routes alike.
+AUTH_MESSAGE = ("Invalid or missing API key: send `Authorization: Bearer <key>` with a key from the gateway "
+                "config's [gateway] api_keys")
+
+
+def error_response(request: Request, status: int, message: str, type_: str, code: int | str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    """OpenAI error JSON for the gateway's Starlette routes, naming (and returning) the request id."""
+    rid = request_id(request.scope["headers"]).decode()
+    return Response(error_body(message, type_, status if code is None else code, param, rid), status,
+                    media_type="application/json", headers={**(headers or {}), "x-request-id": rid})
 
 
 def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -145,9 +151,11 @@ class _Reject(Exception):
     """A request the gateway answers itself: status, OpenAI error fields, extra headers."""
 
     def __init__(self, status: int, message: str, type_: str, param: str | None = None,
-                 kind: str = "bad_request", headers: list | None = None, close: bool = False) -> None:
+                 kind: str = "bad_request", headers: list | None = None, close: bool = False,
+                 code: int | str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.kind = status, message, type_, param, kind
+        self.code = status if code is None else code
         self.headers = list(headers or [])
         if close:
             self.headers.append((b"connection", b"close"))
@@ -215,11 +223,10 @@ class Forwarder:
         rid = request_id(headers)
         rid_s = rid.decode()
         rid_hdr = [(b"x-request-id", rid)]
+        ex = _Exchange(send)
         try:
             if gw.api_keys and not gw.api_keys.check(headers):
-                raise _Reject(401, "Invalid or missing API key: send `Authorization: Bearer <key>` with a key from "
-                                   "the gateway config's [gateway] api_keys", "authentication_error",
-                              kind="auth")
+                raise _Reject(401, AUTH_MESSAGE, "authentication_error", kind="auth", code="invalid_api_key")
             body = await self._read_body(receive, headers)
             data: Any = None
             if body:
@@ -233,13 +240,11 @@ class Forwarder:
             return
         except _Reject as r:
             gw.metrics.errors.labels("-", r.kind).inc()
-            code = r.status if r.type != "authentication_error" else "invalid_api_key"
-            return await _send_json(send, r.status, error_body(r.message, r.type, code, r.param, rid_s),
-                                    r.headers + rid_hdr)
+            return await ex.json(r.status, error_body(r.message, r.type, r.code, r.param, rid_s), r.headers + rid_hdr)
         backend = replicas[0].backend.name
         if gw.queue_limit and gw.in_flight >= gw.queue_limit:
             gw.metrics.errors.labels(backend, "queue_full").inc()
-            return await _send_json(send, 429, error_body(
+            return await ex.json(429, error_body(
                 f"The gateway has {gw.in_flight} requests in flight (queue_limit {gw.queue_limit}); retry later",
                 "RateLimitError", 429, request_id=rid_s), [(b"retry-after", b"1")] + rid_hdr)
         hdrs = forward_headers(headers)
@@ -250,7 +255,6 @@ class Forwarder:
         path = scope["raw_path"].decode() if scope.get("raw_path") else scope["path"]
         if scope.get("query_string") and "?" not in path:
             path += "?" + scope["query_string"].decode()
-        ex = _Exchange(send)
         series = gw.children(backend)
         gw.in_flight += 1
         series.in_flight.inc()
@@ -389,8 +393,8 @@ class Forwarder:
         gw = self.gw
         rid_s = rid.decode()
         up_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in hdrs]
-        if r.api_key:
-            up_headers.append(("Authorization", f"Bearer {r.api_key}"))
+        if r.auth_header:
+            up_headers.append(r.auth_header)
         t_sent = time.perf_counter()
         try:
             resp = await gw.upstream.request(method, r.url + path, data=body, headers=up_headers,
@@ -550,10 +554,7 @@ class Gateway:
     def _unauthorized(self, request: Request) -> Response | None:
         if self.api_keys and not self.api_keys.check(request.scope["headers"]):
             self.metrics.errors.labels("-", "auth").inc()
-            rid = request_id(request.scope["headers"])
-            return Response(error_body("Invalid or missing API key: send `Authorization: Bearer <key>`",
-                                       "authentication_error", "invalid_api_key", request_id=rid.decode()),
-                            401, media_type="application/json", headers={"x-request-id": rid.decode()})
+            return error_response(request, 401, AUTH_MESSAGE, "authentication_error", "invalid_api_key")
         return None
 
     # ------------------------------------------------------------ routes
@@ -567,9 +568,8 @@ class Gateway:
         only = request.query_params.get("model")
         reps = self.supervisor.replicas
         if only is not None and only not in reps:
-            return JSONResponse({"error": {"message": f"The model `{only}` does not exist. Served models: "
-                                                      f"{sorted(reps)}", "type": "NotFoundError",
-                                           "param": "model", "code": 404}}, 404)
+            return error_response(request, 404, f"The model `{only}` does not exist. Served models: {sorted(reps)}",
+                                  "NotFoundError", param="model")
         models = {m: {"ready": sum(r.ready for r in rs), "replicas": [r.state for r in rs]}
                   for m, rs in reps.items() if only is None or m == only}
         ok = all(v["ready"] > 0 for v in models.values())
@@ -610,11 +610,9 @@ class Gateway:
 
 async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's own 404/405 as OpenAI error JSON (bad input never gets a bare text page)."""
-    rid = request_id(request.scope["headers"]).decode()
     msg = {404: f"No route for {request.method} {request.url.path}",
            405: f"Method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-    return Response(error_body(msg, "invalid_request_error", exc.status_code, request_id=rid), exc.status_code,
-                    media_type="application/json", headers={**(exc.headers or {}), "x-request-id": rid})
+    return error_response(request, exc.status_code, msg, "invalid_request_error", headers=exc.headers)
 
 
 def create_app(config: Config, supervisor: Supervisor | None = None, launch: bool = True,

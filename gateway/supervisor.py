@@ -67,7 +67,7 @@ class Replica:
     backoff_step: int = 0
     start_failures: int = 0
     process: ServerProcess | None = None
-    api_key: str | None = None
+    auth_header: tuple[str, str] | None = None  # ("Authorization", "Bearer <this start's key>")
     # backend-reported load (kv_aware routing), refreshed from /metrics
     num_waiting: float = 0.0
     kv_usage: float = 0.0
@@ -88,7 +88,7 @@ class Replica:
 
     def auth_headers(self) -> dict[str, str]:
         """The header that opens this replica's ``/v1`` routes (empty for attached servers)."""
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return dict([self.auth_header]) if self.auth_header else {}
 
 
 class Supervisor:
@@ -172,8 +172,9 @@ class Supervisor:
 
     # ---------------------------------------------------------- internals
     def _spawn(self, r: Replica) -> None:
-        r.api_key = secrets.token_urlsafe(32)
-        argv, env = vllm_command(r.backend, r.port, r.index, r.host, api_key=r.api_key)
+        key = secrets.token_urlsafe(32)
+        r.auth_header = ("Authorization", f"Bearer {key}")
+        argv, env = vllm_command(r.backend, r.port, r.index, r.host, api_key=key)
         r.process = ServerProcess(r.name, argv, env, log=self.log_stream)
         r.process.start()
         r.state = "starting"
@@ -253,6 +254,4 @@ class Supervisor:
             elif r.state == "starting" and self.launch and now - r.started_at > g.startup_timeout_s:
                 await self._stop_process(r, RESTART_GRACE_S)
                 return self._fail(r, f"not healthy within startup_timeout_s ({g.startup_timeout_s:g} s)")
-            elif r.state == "down" and not self.launch:
-                pass  # attached server: keep polling, it is routed to again once healthy
             await asyncio.sleep(HEALTH_INTERVAL_S if r.state == "ready" else 0.25)

@@ -78,6 +78,30 @@ def sse_events(url: str, path: str, body: dict, timeout: float = 120) -> list[by
     return out
 
 
+def start_gateway(name: str, cfg: Path, *args: str, env: dict[str, str] | None = None
+                  ) -> tuple[ServerProcess, Path]:
+    """Start ``python -m gateway --config cfg *args`` with its log in ``runs/test-logs/<name>.log``.
+
+    Returns (process, log file) right after the start; the caller waits (``/ready``) and stops it.
+    """
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = LOG_DIR / f"{name}.log"
+    log.unlink(missing_ok=True)
+    proc = ServerProcess(name, [sys.executable, "-m", "gateway", "--config", str(cfg), *args],
+                         {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, log=open(os.devnull, "w"),
+                         log_file=log)
+    proc.start()
+    return proc, log
+
+
+def status_of(url: str) -> int | None:
+    """GET ``url``'s status code, or None when nothing answers (not listening yet, or gone)."""
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
 def wait_for(pred, timeout_s: float, interval_s: float = 0.25, what: str = "condition"):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LOG_DIR, MODEL, wait_for
-from gateway.launch import ServerProcess, free_port, wait_healthy
+from conftest import MODEL, start_gateway, wait_for
+from gateway.launch import free_port, wait_healthy
 
 REAL_MODEL = "h1024-real"
 
@@ -58,12 +57,7 @@ max_model_len = 1024
 extra_args = ["--gpu-memory-utilization", "0.2", "--num-gpu-blocks-override", "32"]
 capture_trace = "{trace}"
 """)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = LOG_DIR / "gateway.log"
-    log.unlink(missing_ok=True)
-    proc = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg)],
-                         {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"), log_file=log)
-    proc.start()
+    proc, log = start_gateway("gateway", cfg)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, timeout_s=600, path="/ready")

@@ -10,9 +10,7 @@ whose port has nothing listening. Clients are raw sockets parsed with h11
 from __future__ import annotations
 
 import json
-import os
 import socket
-import sys
 import time
 
 import h11
@@ -22,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LOG_DIR, wait_for
-from gateway.launch import ServerProcess, free_port
+from conftest import start_gateway, status_of, wait_for
+from gateway.launch import free_port
 from scripted_upstream import ScriptedUpstream
 
 KEY = "test-key-1"
@@ -67,16 +65,10 @@ model = "dead-model"
 mode = "real"
 ports = [{free_port()}]
 """)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = LOG_DIR / "gateway-http.log"
-    log.unlink(missing_ok=True)
-    proc = ServerProcess("gateway", [sys.executable, "-m", "gateway", "--config", str(cfg), "--no-launch"],
-                         {**os.environ, "PYTHONUNBUFFERED": "1", "EMUGATE_TEST_KEYS": "env-key-3, env-key-4"},
-                         log=open(os.devnull, "w"), log_file=log)
-    proc.start()
+    proc, log = start_gateway("gateway-http", cfg, "--no-launch", env={"EMUGATE_TEST_KEYS": "env-key-3, env-key-4"})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _status(url + "/ready?model=scripted") == 200, 60,
+        wait_for(lambda: status_of(url + "/ready?model=scripted") == 200, 60,
                  what="the gateway to see the scripted upstream ready")
         yield url, port, log
     finally:
@@ -84,13 +76,6 @@ ports = [{free_port()}]
 
 
 # ---------------------------------------------------------------- helpers
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.HTTPError:
-        return None
-
-
 def _request_bytes(body: dict | bytes, script: str = "length", path: str = "/v1/completions",
                    extra: dict | None = None, key: str | None = KEY) -> bytes:
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -10,44 +10,22 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import LOG_DIR, MODEL, wait_for
-from gateway.launch import ServerProcess, free_port
+from conftest import MODEL, start_gateway, status_of, wait_for
+from gateway.launch import ServerProcess, free_port, group_members
 
 pytestmark = pytest.mark.e2e  # starts real vLLM processes
 
 
-def _gateway(cfg_text: str, name: str, tmp: Path) -> tuple[ServerProcess, str, Path]:
+def _gateway(cfg_text: str, name: str, tmp: Path) -> tuple[ServerProcess, Path]:
     cfg = tmp / f"{name}.toml"
     cfg.write_text(cfg_text)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = LOG_DIR / f"{name}.log"
-    log.unlink(missing_ok=True)
-    proc = ServerProcess(name, [sys.executable, "-m", "gateway", "--config", str(cfg)],
-                         {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"), log_file=log)
-    proc.start()
-    return proc, log
-
-
-def _groups_alive(pgids: list[int]) -> list[int]:
-    """Processes (any, engine cores and workers included) still in one of these process groups."""
-    alive = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[2]) in pgids:
-                alive.append(int(d))
-    return alive
+    return start_gateway(name, cfg)
 
 
 _BAD = '''
@@ -78,26 +56,26 @@ max_model_len = 2048
     url = f"http://127.0.0.1:{port}"
     try:
         # listening at once: liveness 200 and readiness 503 while the replicas boot
-        wait_for(lambda: _get(url + "/health") == 200, 30, what="the gateway to listen")
+        wait_for(lambda: status_of(url + "/health") == 200, 30, what="the gateway to listen")
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
         assert r.status_code in (200, 503)
-        wait_for(lambda: _get(url + "/ready?model=" + MODEL) == 200, 300, what="the good backend")
+        wait_for(lambda: status_of(url + "/ready?model=" + MODEL) == 200, 300, what="the good backend")
         wait_for(lambda: httpx.get(url + "/health").json()["models"]["bad-model"] == ["failed"], 180,
                  what="the bad replica to be marked failed")
         text = log.read_text()
         assert re.search(r"bad/0 \(backend bad\) failed to start: vLLM exited with code \d+ 2 times", text)
         assert "no-such-vllm-flag" in text.split("failed to start", 1)[1]  # vLLM's own complaint, quoted
-        assert _get(url + "/ready") == 503 and _get(url + "/health") == 200
+        assert status_of(url + "/ready") == 503 and status_of(url + "/health") == 200
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2,
                                                       "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
         r = httpx.post(url + "/v1/completions", json={"model": "bad-model", "prompt": "x"})
         assert r.status_code == 503 and "retry-after" in r.headers
         pgids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)", log.read_text())]
-        assert _groups_alive(pgids)  # the good replica's API server and engine core
+        assert group_members(pgids)  # the good replica's API server and engine core
         os.kill(proc.pid, signal.SIGKILL)
         t_kill = time.monotonic()
-        wait_for(lambda: not _groups_alive(pgids), 5, interval_s=0.1,
+        wait_for(lambda: not group_members(pgids), 5, interval_s=0.1,
                  what="every vLLM process to go with the SIGKILLed gateway")
         print(f"no vLLM process left {time.monotonic() - t_kill:.1f} s after SIGKILL")
     finally:
@@ -115,9 +93,3 @@ def test_gateway_whose_every_replica_fails_exits_1_naming_the_backend(tmp_path):
     text = log.read_text()
     assert "error: every replica failed to start (last: bad/0" in text and "no-such-vllm-flag" in text
 
-
-def _get(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
