@@ -1,4 +1,4 @@
-"""``emugate profile``: capture, build, inspect, convert-llm-emu, validate.
+"""``emugate profile``: capture, build, synth, calibrate, inspect, convert-llm-emu, validate.
 
 Run ``emugate profile COMMAND --help`` for each command's options
 (``python -m profiles ...`` is the same command).
@@ -6,6 +6,7 @@ Run ``emugate profile COMMAND --help`` for each command's options
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -72,6 +73,51 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    """Synthesize a GPU profile (aiconfigurator-core + calibration), print its summary."""
+    import numpy as np
+    from rich.progress import Progress
+
+    from profiles.assets import resolve_model_dir
+    from profiles.calibration import Calibration, default_calibration
+    from profiles.format import Profile
+    from profiles.synth import SynthSpec, synthesize
+    model_dir = resolve_model_dir(args.model)
+    spec = SynthSpec(hardware=args.hardware, model_dir=str(model_dir), aic_model=args.aic_model,
+                     dtype=args.dtype, tp=args.tp, gpu_memory_utilization=args.gpu_memory_utilization,
+                     max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                     max_num_seqs=args.max_num_seqs, num_steps=args.steps, seed=args.seed)
+    cal = Calibration.identity() if args.raw else default_calibration()
+    lens = None
+    if args.output_lengths_from:
+        lens = np.asarray(Profile.load(args.output_lengths_from).output_lengths)
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"synthesizing {args.hardware} / {model_dir.name}", total=args.steps)
+        prof, kv = synthesize(spec, cal, lens, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    if args.raw:
+        prof.meta["label"] = "ESTIMATE: raw aiconfigurator-core kernel sums, uncalibrated"
+    prof.meta["command"] = "emugate profile synth " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["profile", "synth"]
+                                                               else sys.argv[2:])
+    prof.save(args.out)
+    print(f"{prof.num_steps} synthesized steps -> {args.out}")
+    print(f"KV capacity: {kv.arithmetic()}")
+    print(f"calibration: {json.dumps(cal.to_dict()['factor'])}, c0 {cal.c0_ms:.3f} ms")
+    from profiles.summary import synth_table
+    from profiles.synth import AicStepModel, hardware
+    aic = AicStepModel(hardware(args.hardware), prof.fingerprint["aic_model"], args.dtype, args.tp,
+                       int(prof.fingerprint["max_num_seqs"]))
+    print(synth_table(args.out, exact=lambda s: cal.apply(aic.raw_ms(s), s.phase)))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Print the calibration table: raw AIC vs calibrated, on data each fit did not see."""
+    from profiles.calibration import aic_estimators, calibration_table, reference_datasets
+    ds = reference_datasets()
+    print(calibration_table(ds, aic_estimators(ds)))
+    return 0
+
+
 def cmd_validate(args) -> int:
     from emugate.validate import main_validate
     return main_validate(args)
@@ -112,6 +158,31 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.set_defaults(fn=cmd_build)
 
+    p = sub.add_parser("synth", formatter_class=_DEFAULTS,
+                       help="synthesize a GPU profile from aiconfigurator-core, calibrated (an estimate)")
+    p.add_argument("--hardware", required=True,
+                   help="GPU: h100-sxm, h200, a100-sxm, l40s, rtx-pro-6000, b200 (or an AIC system name)")
+    p.add_argument("--model", required=True, help="model directory with config.json (or a bundled model name)")
+    p.add_argument("--aic-model", default=None,
+                   help="the model id AIC knows (it ships e.g. meta-llama/Meta-Llama-3.1-8B); default: --model")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="weight dtype (KV cache stays bf16)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as vLLM's flag")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM 0.32's for that GPU")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM 0.32's for that GPU")
+    p.add_argument("--steps", type=int, default=12000, help="step shapes in the table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="no calibration (raw AIC kernel sums)")
+    p.add_argument("--output-lengths-from", default="cpu-epyc-2c_mistral-h1024-l8",
+                   help="profile whose natural output lengths to reuse for EOS draws ('' for none)")
+    p.add_argument("-o", "--out", required=True, help="profile file to write (.emuprof.zst)")
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("calibrate", formatter_class=_DEFAULTS,
+                       help="raw vs calibrated AIC error on the reference GPU measurements (profiles/reference)")
+    p.set_defaults(fn=cmd_calibrate)
+
     p = sub.add_parser("inspect", formatter_class=_DEFAULTS,
                        help="summary, held-out oracle accuracy and a PNG latency heatmap")
     p.add_argument("profile", help="profile file or bundled name")
@@ -137,7 +208,7 @@ def main(argv: list[str] | None = None, prog: str = "emugate profile") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

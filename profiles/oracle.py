@@ -38,8 +38,8 @@ import numpy as np
 
 from profiles.format import Profile
 
-DECODE, PREFILL = 0, 1
-CLASS_NAMES = {DECODE: "decode-only", PREFILL: "prefill-containing"}
+DECODE, PREFILL, MIXED = 0, 1, 2
+CLASS_NAMES = {DECODE: "decode-only", PREFILL: "prefill-containing", MIXED: "mixed"}
 
 #: Feature order used by the linear model of FeatureOracle (after a constant).
 LINEAR_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "context_tokens")
@@ -78,6 +78,13 @@ class StepFeatures:
     def step_class(self) -> int:
         return PREFILL if self.prefill_tokens > 0 else DECODE
 
+    def oracle_class(self, split_mixed: bool) -> int:
+        """The oracle's class: ``step_class``, or with ``split_mixed`` MIXED for steps that
+        hold both prefill tokens and decodes (their own linear model and cells)."""
+        if split_mixed and self.prefill_tokens > 0 and self.decode_reqs > 0:
+            return MIXED
+        return self.step_class
+
 
 def profile_features(profile: Profile, idx: np.ndarray | None = None) -> list[StepFeatures]:
     """Rows of a profile's step table as StepFeatures (optionally a subset ``idx``)."""
@@ -90,13 +97,18 @@ def profile_features(profile: Profile, idx: np.ndarray | None = None) -> list[St
     return [StepFeatures(*map(int, row)) for row in zip(*cols)]
 
 
-def _training_rows(profile: Profile, idx: np.ndarray | None):
+def _key(f: StepFeatures, split_mixed: bool = False) -> tuple[int, int, int]:
+    """Grid key (class, tokens bucket, requests bucket) of a step."""
+    return f.oracle_class(split_mixed), _bucket(f.num_tokens), _bucket(f.num_reqs)
+
+
+def _training_rows(profile: Profile, idx: np.ndarray | None, split_mixed: bool = False):
     """(features, latencies in us, grid keys) of the rows an oracle is built from."""
     feats = profile_features(profile, idx)
     lat = profile.steps["latency_us"].astype(float)
     if idx is not None:
         lat = lat[idx]
-    return feats, lat, [(f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)) for f in feats]
+    return feats, lat, [_key(f, split_mixed) for f in feats]
 
 
 class LatencyOracle:
@@ -140,9 +152,9 @@ class _Cells:
                 self.cells[k] = (float(np.median(vs)), vs)
         self._coords = {
             c: np.array([(k[1], k[2]) for k in self.cells if k[0] == c], dtype=float).reshape(-1, 2)
-            for c in (DECODE, PREFILL)
+            for c in CLASS_NAMES
         }
-        self._ckeys = {c: [k for k in self.cells if k[0] == c] for c in (DECODE, PREFILL)}
+        self._ckeys = {c: [k for k in self.cells if k[0] == c] for c in CLASS_NAMES}
         self._memo: dict[tuple[int, int, int], tuple[float, list[float]] | None] = {}
 
     def lookup(self, key: tuple[int, int, int]) -> tuple[float, list[float]] | None:
@@ -162,8 +174,9 @@ class _Cells:
         coords = self._coords[c]
         keys = self._ckeys[c]
         if not len(keys):
-            other = DECODE if c == PREFILL else PREFILL
-            if not len(self._ckeys[other]):
+            others = {DECODE: (PREFILL,), PREFILL: (DECODE,), MIXED: (PREFILL, DECODE)}[c]
+            other = next((o for o in others if len(self._ckeys[o])), None)
+            if other is None:
                 return None
             coords, keys = self._coords[other], self._ckeys[other]
         d2 = ((coords - np.array([key[1], key[2]], dtype=float)) ** 2).sum(axis=1)
@@ -281,23 +294,31 @@ class FeatureOracle(LatencyOracle):
     (rows scaled by 1/latency, so small and large steps count alike) and
     non-negative slopes (:func:`_nonneg_fit`).
 
-    Args: as :class:`Grid2DOracle`.
+    Args: as :class:`Grid2DOracle`, plus ``features`` (the linear model's) and
+    ``split_mixed`` (mixed prefill+decode steps as a third class). Both default to the
+    profile's ``meta["oracle"]`` when it names them (synthesized GPU profiles do: there,
+    decode context and a prefill's cached prefix cost differently per token, so mixed
+    steps need their own model and context tokens as a feature), else to
+    ``DEFAULT_FEATURES`` and two classes (what the CPU capture was validated with).
     """
 
     name = "feature"
 
     def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None,
-                 features: tuple[str, ...] = DEFAULT_FEATURES):
+                 features: tuple[str, ...] | None = None, split_mixed: bool | None = None):
+        hint = profile.meta.get("oracle", {}) if isinstance(profile.meta, dict) else {}
+        features = tuple(features or hint.get("features") or DEFAULT_FEATURES)
+        self._split = bool(hint.get("split_mixed", False) if split_mixed is None else split_mixed)
         unknown = set(features) - set(LINEAR_FEATURES)
         if unknown:
             raise ValueError(f"unknown oracle features {sorted(unknown)}; choose from {LINEAR_FEATURES}")
         active = [0] + [1 + LINEAR_FEATURES.index(n) for n in features]
-        feats, lat, keys = _training_rows(profile, idx)
+        feats, lat, keys = _training_rows(profile, idx, self._split)
         self._coef: dict[int, list[float]] = {}
-        cls = np.array([f.step_class for f in feats], dtype=int)
+        cls = np.array([f.oracle_class(self._split) for f in feats], dtype=int)
         X = np.array([[1.0] + [float(getattr(f, n)) for n in LINEAR_FEATURES] for f in feats])
         X = X.reshape(-1, 1 + len(LINEAR_FEATURES))
-        for c in (DECODE, PREFILL):
+        for c in CLASS_NAMES:
             m = cls == c
             if m.sum() >= MIN_FIT_ROWS_PER_FEATURE * X.shape[1]:
                 self._coef[c] = _nonneg_fit(X[m], lat[m], active)
@@ -313,18 +334,19 @@ class FeatureOracle(LatencyOracle):
         self._gaps = _GapModel.build(profile, keys, idx, random.Random(seed + 1))
 
     def _linear(self, f: StepFeatures) -> float:
-        c = self._coef.get(f.step_class) or next(iter(self._coef.values()))
+        c = (self._coef.get(f.oracle_class(self._split)) or self._coef.get(f.step_class)
+             or next(iter(self._coef.values())))
         v = (c[0] + c[1] * f.num_tokens + c[2] * f.num_reqs + c[3] * f.prefill_tokens
              + c[4] * f.attn_work + c[5] * f.context_tokens)
         return v if v > self._floor else self._floor
 
     def predict_us(self, f: StepFeatures) -> float:
-        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        cell = self._cells.lookup(_key(f, self._split))
         return self._linear(f) * (cell[0] if cell else 1.0)
 
     def sample_us(self, f: StepFeatures) -> float:
         lin = self._linear(f)
-        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        cell = self._cells.lookup(_key(f, self._split))
         if cell is None:
             return lin
         samples = cell[1]

@@ -78,3 +78,43 @@ def _heatmap(prof: Profile, cls: np.ndarray, png: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+#: The step shapes the README's GPU profile table reports: decode batch x mean context,
+#: then single-request prefill chunks (tokens).
+TABLE_DECODE = ((1, 1024), (1, 4096), (32, 1024), (32, 4096), (128, 1024), (128, 4096), (256, 1024), (256, 4096))
+TABLE_PREFILL = (512, 2048, 8192)
+
+
+def synth_table(path: str, exact=None) -> str:
+    """Step times (ms) the emulator will use for a profile at the README's table shapes.
+
+    The value is the oracle's point estimate (``FeatureOracle.predict_us``) from the
+    profile's table. ``exact``: optional callable StepShape -> ms (the calibrated AIC model
+    itself), printed beside it with the oracle's % difference. Shapes beyond the profile's
+    max_num_seqs / max_num_batched_tokens are marked n/a. Also prints the KV capacity.
+    """
+    from profiles.oracle import FeatureOracle, StepFeatures
+    from profiles.synth import StepShape, shape_features
+    prof = Profile.load(path)
+    fp = prof.fingerprint
+    oracle = FeatureOracle(prof)
+    mns, mnbt = int(fp.get("max_num_seqs", 1 << 30)), int(fp.get("max_num_batched_tokens", 1 << 30))
+    label = prof.meta.get("label")
+    lines = [label] if label else []
+    kv_tokens = int(fp.get("num_kv_blocks", 0)) * int(fp.get("block_size", 0))
+    lines.append(f"KV capacity: {kv_tokens:,} tokens ({fp.get('num_kv_blocks')} blocks of {fp.get('block_size')})")
+    rows = [(f"decode b={b} ctx={c}" + (" (> KV pool)" if b * c > kv_tokens else ""),
+             StepShape(0, 0, 0, b, b * c), b <= mns) for b, c in TABLE_DECODE]
+    rows += [(f"prefill {p}", StepShape(1, p, 0, 0, 0), p <= mnbt) for p in TABLE_PREFILL]
+    for name, s, ok in rows:
+        if not ok:
+            lines.append(f"  {name:24s} n/a (beyond max_num_seqs {mns} / max_num_batched_tokens {mnbt})")
+            continue
+        ms = oracle.predict_us(StepFeatures(**shape_features(s))) / 1000.0
+        line = f"  {name:24s} {ms:8.2f} ms"
+        if exact is not None:
+            ex = exact(s)
+            line += f"   (synth model {ex:.2f} ms, oracle {100 * (ms - ex) / ex:+.1f}%)"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,530 @@
+"""Synthesized GPU profiles: step latencies from NVIDIA's AIConfigurator, calibrated.
+
+A *synthesized* profile is an ordinary emugate profile (:mod:`profiles.format`)
+whose step table was not recorded on the hardware but computed, step shape by
+step shape, by ``aiconfigurator-core`` (PyPI, NVIDIA, Apache-2.0): its measured
+kernel tables for vLLM on each GPU, summed per forward pass by
+``aiconfigurator_core.sdk.RustForwardPassPerfModel.estimate_forward_pass_time_ms``
+(~8 us a call here), then corrected by a :class:`~profiles.calibration.Calibration`
+fitted on real vLLM step measurements (``profiles/reference/``). The fingerprint
+says so: ``source = "synthesized"``, the estimator and its data version, the AIC
+system, model, dtype, TP, the calibration and its measured error.
+
+Everything a user sees of such a profile (``inspect``, the executor's start-up
+log, the README) labels it an estimate.
+
+``aiconfigurator_core`` is an optional dependency (``pip install -e ".[synth]"``):
+it is imported only inside :class:`AicStepModel`, so the rest of emugate never
+needs its ~600 MB of tables.
+
+Step shapes covered (what vLLM 0.32 schedules on that GPU with chunked
+prefill): decode-only batches up to ``max_num_seqs`` with mean contexts up to
+``max_model_len`` (and never more KV than the pool holds); prefill chunks up to
+``max_num_batched_tokens`` with and without a cached prefix; mixed steps of
+decodes plus one prefill chunk filling the token budget. Batches are padded to
+vLLM's CUDA-graph capture sizes where vLLM pads them (:func:`padded_tokens`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from profiles.format import Profile
+from profiles.oracle import LINEAR_FEATURES
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU kind emugate can synthesize for.
+
+    Attributes:
+        name: emugate's name (profile file prefix), e.g. ``h100-sxm``.
+        aic_system: AIConfigurator's system name (``aiconfigurator_core/systems/<name>.yaml``).
+        aic_version: the vLLM version of AIC's kernel tables for it (only these are shipped).
+        memory_gib: device memory as vLLM sees it (``total_gpu_memory`` in its start-up
+            log, GiB); ``memory_source`` says where the figure comes from.
+        max_graph_size: vLLM's default ``max_cudagraph_capture_size`` ceiling (512; 1024 on
+            data-centre Blackwell), ``vllm/config/compilation.py``.
+    """
+
+    name: str
+    aic_system: str
+    aic_version: str
+    memory_gib: float
+    memory_source: str
+    max_graph_size: int = 512
+
+    @property
+    def is_a100(self) -> bool:
+        return "a100" in self.aic_system
+
+
+_SMI = "nvidia-smi total as given in aiconfigurator_core/systems/{}.yaml"
+_VLLM_LOG = ("total_gpu_memory in vLLM start-up logs on this GPU ({}); AIC's yaml carries the "
+             "nominal {}")
+#: The GPUs AIC 0.12.0 ships vLLM kernel tables for (0.24.0; a100_sxm at 0.14.0).
+HARDWARE: dict[str, Hardware] = {h.name: h for h in (
+    Hardware("h100-sxm", "h100_sxm", "0.24.0", 79.19, _VLLM_LOG.format("79.11-79.25 GiB", "80 GiB")),
+    Hardware("h200", "h200_sxm", "0.24.0", 139.81, _VLLM_LOG.format("139.81 GiB", "141 GiB")),
+    Hardware("a100-sxm", "a100_sxm", "0.14.0", 79.15, _VLLM_LOG.format("79.15 GiB", "80 GiB")),
+    Hardware("l40s", "l40s", "0.24.0", 46068 / 1024, _SMI.format("l40s") + " (46,068 MiB)"),
+    Hardware("rtx-pro-6000", "rtx_pro_6000_server", "0.24.0", 97887 / 1024,
+             _SMI.format("rtx_pro_6000_server") + " (97,887 MiB)"),
+    Hardware("b200", "b200_sxm", "0.24.0", 178.4, "nominal 180 GB HBM3e less ~1.6 GiB driver reserve (estimate)",
+             max_graph_size=1024),
+)}
+
+
+def hardware(name: str) -> Hardware:
+    """Look up a :class:`Hardware` by emugate name or AIC system name.
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    for h in HARDWARE.values():
+        if name in (h.name, h.aic_system):
+            return h
+    raise ValueError(f"unknown hardware {name!r}; choose one of {sorted(HARDWARE)}")
+
+
+# ------------------------------------------------------------------ model
+@dataclass(frozen=True)
+class ModelDims:
+    """The dense decoder dimensions that decide weights, KV size and step cost.
+
+    Read from a Hugging Face ``config.json`` (:meth:`from_config`).
+    """
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> "ModelDims":
+        """Parse ``config.json`` (a file or the directory holding it).
+
+        Raises:
+            ValueError: a mixture-of-experts, MLA or non-decoder config (not synthesized yet).
+        """
+        p = Path(path)
+        cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+        cfg = cfg.get("text_config", cfg)
+        if any(k in cfg for k in ("num_local_experts", "num_experts", "kv_lora_rank")):
+            raise ValueError("synth covers dense attention decoders; this config is MoE or MLA")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return cls(
+            architecture=(cfg.get("architectures") or ["?"])[0],
+            num_layers=int(cfg["num_hidden_layers"]), hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]), num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+            head_dim=int(cfg.get("head_dim") or hidden // heads), vocab_size=int(cfg["vocab_size"]),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+        )
+
+    def linear_params(self) -> int:
+        """Parameters of the transformer layers' linear projections (QKV, O, gate/up/down)."""
+        h, i = self.hidden_size, self.intermediate_size
+        qkv = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        o = self.num_heads * self.head_dim * h
+        return self.num_layers * (qkv + o + 3 * h * i)
+
+    def embedding_params(self) -> int:
+        """Input embedding plus the LM head (once if tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+
+    def weight_bytes(self, dtype: str, tp: int) -> int:
+        """Weight bytes per GPU: linear layers in ``dtype`` (bf16 2 B, fp8 1 B), embeddings,
+        LM head and norms in bf16 (vLLM's FP8 checkpoints keep those in 16 bit); divided by TP
+        (vLLM shards the embedding and LM head by vocabulary too)."""
+        lin = self.linear_params() * (1 if dtype == "fp8" else 2)
+        rest = (self.embedding_params() + (2 * self.num_layers + 1) * self.hidden_size) * 2
+        return (lin + rest) // tp
+
+    def kv_bytes_per_token(self, tp: int, kv_dtype_bytes: int = 2) -> int:
+        """KV-cache bytes per token per GPU: 2 (K and V) x layers x KV heads/TP x head_dim x bytes."""
+        return 2 * self.num_layers * max(1, self.num_kv_heads // tp) * self.head_dim * kv_dtype_bytes
+
+
+# ------------------------------------------------------ vLLM's scheduling
+def vllm_scheduler_defaults(hw: Hardware) -> tuple[int, int]:
+    """(max_num_batched_tokens, max_num_seqs) vLLM 0.32's OpenAI server picks on ``hw``.
+
+    Source: ``vllm/engine/arg_utils.py`` ``_get_default_max_num_seqs_and_batched_tokens``:
+    >= 160 GiB: 16384 / 1024; >= 70 GiB and not an A100: 8192 / 1024; else 2048 / 256.
+    """
+    mem = hw.memory_gib
+    if mem >= 160:
+        return 16384, 1024
+    if mem >= 70 and not hw.is_a100:
+        return 8192, 1024
+    return 2048, 256
+
+
+def cudagraph_sizes(max_num_seqs: int, max_graph_size: int = 512) -> list[int]:
+    """vLLM's default CUDA-graph capture sizes (tokens).
+
+    Source: ``vllm/config/vllm.py`` ``_set_cudagraph_sizes``: ``[1, 2, 4] + range(8, 256, 8)
+    + range(256, max + 1, 16)`` with ``max = min(2 * max_num_seqs, 512)`` (1024 on
+    data-centre Blackwell).
+    """
+    top = min(2 * max_num_seqs, max_graph_size)
+    sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, top + 1, 16))
+    return [s for s in sizes if s <= top]
+
+
+def padded_tokens(num_tokens: int, sizes: list[int]) -> int:
+    """The token count vLLM runs a step at: the next capture size when the step fits a CUDA
+    graph (full graphs for uniform decode, piecewise for mixed and prefill steps under vLLM
+    0.32's default ``FULL_AND_PIECEWISE``), else unpadded (eager)."""
+    if not sizes or num_tokens > sizes[-1]:
+        return num_tokens
+    lo, hi = 0, len(sizes) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sizes[mid] >= num_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    return sizes[lo]
+
+
+# ------------------------------------------------------------ KV capacity
+#: Memory outside torch's allocator that vLLM's profiler sees grow (CUDA context, cuBLAS
+#: workspaces): start-up logs of 8B models on H100 report non_torch_memory 0.12-0.65 GiB.
+NON_TORCH_GIB = 0.4
+#: Extra per-GPU buffers with TP > 1 (NCCL, custom all-reduce); AIC's nccl_mem for TP4 is 0.38 GiB.
+TP_COMM_GIB = 0.4
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    """The KV-cache pool vLLM would allocate, with the arithmetic (all bytes per GPU).
+
+    ``tokens = floor((memory x gpu_memory_utilization - weights - activation - non_torch)
+    / kv_bytes_per_token)`` rounded down to whole blocks: vLLM's
+    ``determine_available_memory`` then ``get_kv_cache_configs`` (``vllm/v1/worker/gpu_worker.py``,
+    ``vllm/v1/core/kv_cache_utils.py``). Activation = the profile run's peak at
+    ``max_num_batched_tokens``: per token (4 x hidden + 3 x intermediate/TP) x 2 B (residual,
+    QKV/attention out, gate_up and the activated MLP input), plus the sampler's fp32 logits
+    for ``min(max_num_seqs, max_num_batched_tokens)`` rows (vocab/TP wide).
+    """
+
+    memory_bytes: int
+    utilization: float
+    weights_bytes: int
+    activation_bytes: int
+    non_torch_bytes: int
+    kv_bytes_per_token: int
+    block_size: int
+    num_blocks: int
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def kv_bytes(self) -> int:
+        return int(self.memory_bytes * self.utilization) - self.weights_bytes - self.activation_bytes \
+            - self.non_torch_bytes
+
+    def arithmetic(self) -> str:
+        """One line a reader can redo by hand (GiB with two decimals)."""
+        g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        return (f"{g(self.memory_bytes)} x {self.utilization} - weights {g(self.weights_bytes)} - activation "
+                f"{g(self.activation_bytes)} - non-torch {g(self.non_torch_bytes)} = KV {g(self.kv_bytes)}; "
+                f"/ {self.kv_bytes_per_token:,} B per token = {self.kv_bytes // self.kv_bytes_per_token:,} tokens "
+                f"-> {self.num_blocks:,} blocks x {self.block_size} = {self.tokens:,} tokens")
+
+
+def kv_capacity(hw: Hardware, dims: ModelDims, dtype: str, tp: int, utilization: float,
+                max_num_batched_tokens: int, max_num_seqs: int, block_size: int = 16) -> KVCapacity:
+    """Estimate vLLM's KV pool for a deployment (see :class:`KVCapacity` for the formula).
+
+    Checked against the one measured pool we have: Dynamo's H200 Llama-3.1-8B FP8 profile
+    reports ``max_kv_tokens`` 945,029 (``profiles/reference/h200_llama-3.1-8b-fp8_dynamo-decode.csv``);
+    ``emugate profile synth --hardware h200 --model llama-3.1-8b --dtype fp8`` prints this
+    estimate next to it and next to ``aiconfigurator_core.sdk.memory.estimate_kv_cache``.
+
+    Raises:
+        ValueError: the weights and reserves do not fit the memory (no KV left).
+    """
+    mem = int(hw.memory_gib * GIB)
+    weights = dims.weight_bytes(dtype, tp)
+    act_tok = (4 * dims.hidden_size + 3 * dims.intermediate_size // tp) * 2
+    logits = min(max_num_seqs, max_num_batched_tokens) * (dims.vocab_size // tp) * 4
+    act = max_num_batched_tokens * act_tok + logits
+    non_torch = int((NON_TORCH_GIB + (TP_COMM_GIB if tp > 1 else 0.0)) * GIB)
+    per_tok = dims.kv_bytes_per_token(tp)
+    free = int(mem * utilization) - weights - act - non_torch
+    if free <= per_tok * block_size:
+        raise ValueError(f"no KV-cache memory left on {hw.name} at TP{tp}: weights {weights / GIB:.1f} GiB, "
+                         f"budget {mem * utilization / GIB:.1f} GiB; raise --tp or --gpu-memory-utilization")
+    return KVCapacity(mem, utilization, weights, act, non_torch, per_tok, block_size,
+                      free // per_tok // block_size)
+
+
+# ------------------------------------------------------------ estimator
+@dataclass(frozen=True)
+class StepShape:
+    """What a SchedulerOutput tells about one step (the FPM fields AIC takes), tokens/requests.
+
+    ``prefill_kv`` is the tokens already cached for the prefilling requests (chunked prefill
+    continuation or a prefix-cache hit); ``decode_kv`` the sum of the decoding requests'
+    contexts.
+    """
+
+    prefill_reqs: int
+    prefill_tokens: int
+    prefill_kv: int
+    decode_reqs: int
+    decode_kv: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill_tokens + self.decode_reqs
+
+    @property
+    def phase(self) -> str:
+        """``prefill`` (no decodes), ``decode`` (no prefill tokens) or ``mixed``."""
+        if self.prefill_tokens and self.decode_reqs:
+            return "mixed"
+        return "prefill" if self.prefill_tokens else "decode"
+
+
+class AicStepModel:
+    """Raw (uncalibrated) AIConfigurator estimate of one vLLM forward pass, in ms.
+
+    Args:
+        hw: the GPU.
+        model: an AIC model id (``meta-llama/Meta-Llama-3.1-8B``; AIC ships its config) or a
+            local directory with ``config.json``.
+        dtype: ``bf16`` or ``fp8`` (weights; the KV cache stays bf16).
+        tp: tensor parallel size.
+        max_num_seqs: sets the CUDA-graph capture sizes used for padding.
+
+    Raises:
+        ImportError: ``aiconfigurator-core`` is not installed (``pip install -e ".[synth]"``).
+        RuntimeError: AIC refuses the combination (unsupported architecture or system).
+    """
+
+    def __init__(self, hw: Hardware, model: str, dtype: str, tp: int, max_num_seqs: int):
+        try:
+            from aiconfigurator_core.sdk import RustForwardPassPerfModel
+            from aiconfigurator_core.sdk import engine as aic_engine
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError('emugate profile synth needs aiconfigurator-core: pip install -e ".[synth]"') from e
+        logging.getLogger("aiconfigurator_core").setLevel(logging.ERROR)
+        self.hw, self.model, self.dtype, self.tp = hw, model, dtype, tp
+        self.config = {
+            "schema_version": aic_engine.ENGINE_CONFIG_SCHEMA_VERSION, "model_name": model,
+            "system_name": hw.aic_system, "backend": "vllm", "backend_version": hw.aic_version,
+            "tp_size": tp, "pp_size": 1, "weight_dtype": "fp8" if dtype == "fp8" else None,
+            "kv_cache_dtype": None,
+        }
+        try:
+            self._model = RustForwardPassPerfModel.from_native(self.config)
+        except Exception as e:
+            raise RuntimeError(f"aiconfigurator-core cannot model {model} on {hw.aic_system} "
+                               f"(vLLM {hw.aic_version}, TP{tp}, {dtype}): {e}") from e
+        self.graph_sizes = cudagraph_sizes(max_num_seqs, hw.max_graph_size)
+
+    @staticmethod
+    def data_version() -> str:
+        """The installed aiconfigurator-core version (its kernel tables come with it)."""
+        from importlib.metadata import version
+        return version("aiconfigurator-core")
+
+    def raw_ms(self, s: StepShape) -> float:
+        """AIC's kernel-sum estimate for ``s`` after CUDA-graph padding, ms (0 for an empty step)."""
+        n = s.num_tokens
+        if n == 0:
+            return 0.0
+        pad = padded_tokens(n, self.graph_sizes) - n
+        dec_reqs, pre_tokens = s.decode_reqs, s.prefill_tokens
+        if s.phase == "decode":
+            dec_reqs += pad  # uniform decode batch padded with dummy requests (full graph)
+        else:
+            pre_tokens += pad  # piecewise graph: padded token rows go through the GEMMs
+        fpm = {"version": 1, "scheduled_requests": {
+            "num_prefill_requests": s.prefill_reqs, "sum_prefill_tokens": pre_tokens,
+            "sum_prefill_kv_tokens": s.prefill_kv, "num_decode_requests": dec_reqs,
+            "sum_decode_kv_tokens": s.decode_kv + (pad if s.phase == "decode" else 0)}}
+        out = self._model.estimate_forward_pass_time_ms(fpm)
+        if out is None:
+            raise RuntimeError(f"aiconfigurator-core gave no estimate for {s}")
+        return float(out)
+
+
+# -------------------------------------------------------------- shapes
+def step_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, kv_tokens: int,
+                n: int = 12000, seed: int = 0) -> list[StepShape]:
+    """Step shapes vLLM's scheduler produces on such a deployment, for the profile's table.
+
+    Thirds of ``n``: decode-only batches (size log-uniform 1..max_num_seqs, every
+    capture size included; mean context log-uniform 16..max_model_len, capped so the batch's
+    KV fits ``kv_tokens``), prefill-only steps (one chunk log-uniform 16..budget, half with a
+    cached prefix; or several short prompts), and mixed steps (a decode batch plus one
+    prefill chunk that fills, or partly fills, the token budget). Deterministic for ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    budget, out = max_num_batched_tokens, []
+
+    def log_int(lo: float, hi: float) -> int:
+        return int(round(math.exp(rng.uniform(math.log(lo), math.log(max(hi, lo))))))
+
+    def decode_batch(b_max: int) -> tuple[int, int]:
+        b = log_int(1, b_max)
+        ctx = log_int(16, min(max_model_len, max(16, kv_tokens // max(b, 1))))
+        return b, b * ctx
+
+    sizes = [s for s in cudagraph_sizes(max_num_seqs) if s <= max_num_seqs]
+    for b in sizes:  # the capture sizes themselves, at short and long context
+        for ctx in (128, 1024, 4096):
+            if b * ctx <= kv_tokens and ctx <= max_model_len:
+                out.append(StepShape(0, 0, 0, b, b * ctx))
+    third = n // 3
+    while len(out) < third:
+        b, kv = decode_batch(max_num_seqs)
+        out.append(StepShape(0, 0, 0, b, kv))
+    for _ in range(third):
+        if rng.random() < 0.2:
+            k = int(rng.integers(2, 9))
+            toks = [log_int(16, max(16, budget // k)) for _ in range(k)]
+            out.append(StepShape(k, sum(toks), 0, 0, 0))
+        else:
+            p = log_int(16, budget)
+            prefix = 0 if rng.random() < 0.5 else int(rng.integers(0, max(1, max_model_len - p)))
+            out.append(StepShape(1, p, prefix, 0, 0))
+    while len(out) < n:
+        b, kv = decode_batch(min(max_num_seqs, budget - 1))
+        room = budget - b
+        p = room if rng.random() < 0.5 else log_int(1, room)
+        prefix = 0 if rng.random() < 0.5 else int(rng.integers(0, max(1, max_model_len - p)))
+        out.append(StepShape(1, p, prefix, b, kv))
+    return out
+
+
+def shape_features(s: StepShape) -> dict[str, int]:
+    """The profile step-table columns (:data:`profiles.format.STEP_COLUMNS`) of a shape.
+
+    ``attn_work`` = sum over requests of scheduled x (computed + scheduled/2): a decode
+    request adds its context + 0.5, the prefill chunk p after k cached tokens p x (k + p/2)
+    (several prefill requests share the chunk tokens equally).
+    """
+    per = s.prefill_tokens / max(s.prefill_reqs, 1)
+    pre_work = s.prefill_reqs * per * (s.prefill_kv / max(s.prefill_reqs, 1) + per / 2)
+    return {
+        "num_tokens": s.num_tokens, "num_reqs": s.prefill_reqs + s.decode_reqs,
+        "prefill_tokens": s.prefill_tokens, "decode_reqs": s.decode_reqs,
+        "prefill_reqs": s.prefill_reqs, "context_tokens": s.prefill_kv + s.decode_kv,
+        "attn_work": int(round(pre_work + s.decode_kv + s.decode_reqs / 2)),
+    }
+
+
+# ------------------------------------------------------------- building
+@dataclass
+class SynthSpec:
+    """What to synthesize. ``model_dir`` holds the config.json the emulated server will load;
+    ``aic_model`` is what AIC is told (its shipped id, or the directory). Unset scheduler
+    values take vLLM 0.32's defaults for the hardware (:func:`vllm_scheduler_defaults`)."""
+
+    hardware: str
+    model_dir: str
+    aic_model: str | None = None
+    dtype: str = "bf16"
+    tp: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    block_size: int = 16
+    num_steps: int = 12000
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def synthesize(spec: SynthSpec, calibration, output_lengths: np.ndarray | None = None,
+               progress: Callable[[int, int], None] | None = None) -> tuple[Profile, KVCapacity]:
+    """Build a synthesized profile (and its KV capacity) for ``spec``.
+
+    ``calibration`` is a :class:`profiles.calibration.Calibration` (``identity()`` gives raw
+    AIC). ``output_lengths`` (tokens) are stored for EOS draws. Latencies are stored in us;
+    ``host_gap_us`` is 0 (GPU steps under async scheduling overlap the host's work).
+
+    Raises:
+        ValueError: unknown hardware, unsupported model config, no KV memory left.
+        ImportError / RuntimeError: see :class:`AicStepModel`.
+    """
+    hw = hardware(spec.hardware)
+    dims = ModelDims.from_config(spec.model_dir)
+    mnbt_d, mns_d = vllm_scheduler_defaults(hw)
+    mnbt = spec.max_num_batched_tokens or mnbt_d
+    mns = spec.max_num_seqs or mns_d
+    mml = spec.max_model_len or dims.max_position_embeddings
+    kv = kv_capacity(hw, dims, spec.dtype, spec.tp, spec.gpu_memory_utilization, mnbt, mns, spec.block_size)
+    aic = AicStepModel(hw, spec.aic_model or spec.model_dir, spec.dtype, spec.tp, mns)
+    shapes = step_shapes(mnbt, mns, mml, kv.tokens, spec.num_steps, spec.seed)
+    cols: dict[str, list[int]] = {k: [] for k in ("num_tokens", "num_reqs", "prefill_tokens", "decode_reqs",
+                                                  "prefill_reqs", "context_tokens", "attn_work", "latency_us")}
+    for i, s in enumerate(shapes):
+        for k, v in shape_features(s).items():
+            cols[k].append(v)
+        cols["latency_us"].append(int(round(calibration.apply(aic.raw_ms(s), s.phase) * 1000)))
+        if progress is not None and (i % 500 == 0 or i == len(shapes) - 1):
+            progress(i + 1, len(shapes))
+    steps = {k: np.asarray(v) for k, v in cols.items()}
+    steps["host_gap_us"] = np.zeros(len(shapes), dtype=np.uint32)
+    fp = {
+        "source": "synthesized",
+        "estimator": "aiconfigurator-core RustForwardPassPerfModel",
+        "estimator_version": AicStepModel.data_version(),
+        "aic_system": hw.aic_system, "aic_backend_version": hw.aic_version,
+        "device_name": f"{hw.name} (synthesized)", "hardware": hw.name,
+        "model": Path(spec.model_dir).name, "aic_model": aic.model,
+        "model_dims": _fingerprint_dims(dims), "dtype": "bfloat16", "weight_dtype": spec.dtype,
+        "tensor_parallel_size": spec.tp, "block_size": spec.block_size, "num_kv_blocks": kv.num_blocks,
+        "max_num_batched_tokens": mnbt, "max_num_seqs": mns, "max_model_len": mml,
+        "enable_chunked_prefill": True, "enable_prefix_caching": True, "async_scheduling": True,
+        "gpu_memory_utilization": spec.gpu_memory_utilization,
+        "cudagraph_capture_sizes_max": aic.graph_sizes[-1] if aic.graph_sizes else 0,
+        "vllm_version": "0.32.0 (scheduler); AIC kernel tables from vLLM " + hw.aic_version,
+    }
+    meta = {
+        "estimate": True,
+        # decode context and a prefill's cached prefix cost differently per token on a GPU:
+        # mixed steps get their own oracle class and context tokens a coefficient
+        # (held-out error with and without: emugate profile inspect on the profile)
+        "oracle": {"features": list(LINEAR_FEATURES), "split_mixed": True},
+        "label": ("ESTIMATE: step latencies synthesized by aiconfigurator-core and calibrated on real "
+                  "vLLM measurements, not recorded on this GPU"),
+        "kv_arithmetic": kv.arithmetic(), "kv_capacity": asdict(kv),
+        "calibration": calibration.to_dict(), "spec": asdict(spec),
+        "output_lengths_source": "ShareGPT completions as in the bundled CPU profile" if output_lengths is not None
+        else "none",
+    }
+    ol = np.asarray(output_lengths if output_lengths is not None else [], dtype=np.uint32)
+    return Profile(fp, steps, ol, meta), kv
+
+
+def _fingerprint_dims(d: ModelDims) -> dict[str, Any]:
+    """The same keys :func:`emu_executor.fingerprint.model_dims` records for a real capture."""
+    return {"architecture": d.architecture, "num_layers": d.num_layers, "hidden_size": d.hidden_size,
+            "intermediate_size": d.intermediate_size, "num_attention_heads": d.num_heads,
+            "num_kv_heads": d.num_kv_heads, "head_dim": d.head_dim, "vocab_size": d.vocab_size}
