@@ -27,6 +27,7 @@ No worker, no weights, no device tensors.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -43,6 +44,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTe
 from vllm.v1.worker.worker_base import CompilationTimes
 
 from emu_executor.features import RequestTable, ScheduledRequest, step_features
+from emu_executor.lateness import LatenessStats, stats_path
 from emu_executor.settings import EmuSettings
 from emu_executor.timing import TimedFuture, VirtualDevice, wait_until
 from emu_executor.tokens import SyntheticTokens, TokenState, bitmask_rows
@@ -148,7 +150,8 @@ class EmulatedExecutor(Executor):
             )
         self._raise_priority(st.boost)
         self.world_size = self.parallel_config.world_size
-        self.device = VirtualDevice()
+        self.lateness = LatenessStats(stats_path(os.getppid()), warn_ms=st.late_warn_ms)
+        self.device = VirtualDevice(on_late=self.lateness.observe)
         self.requests = RequestTable()
         self.token_state: dict[str, TokenState] = {}
         self.pending: deque[_Step] = deque()
@@ -156,6 +159,9 @@ class EmulatedExecutor(Executor):
         self.tokens = self._make_tokens()
         self._vocab = self.model_config.get_vocab_size()
         self.num_steps = 0
+        if self.profile is not None and self.profile.meta.get("estimate"):
+            logger.warning("emugate: %s (%s)", self.profile.meta.get("label", "ESTIMATE: synthesized profile"),
+                           json.dumps(self.profile.meta.get("calibration", {}).get("errors", {}))[:400])
         if self.profile is not None:
             from emu_executor.fingerprint import compare_fingerprint
             for line in compare_fingerprint(self.profile.fingerprint, self.vllm_config):
@@ -309,6 +315,7 @@ class EmulatedExecutor(Executor):
         return None
 
     def shutdown(self) -> None:
+        self.lateness.flush()
         if self.settings.timing_log:
             with open(self.settings.timing_log, "a") as f:
                 f.write("".join(f"timer {x * 1e6:.1f}\n" for x in self.device.timer_late_s))

@@ -33,8 +33,17 @@ GPU_DEFAULTS = {"async_scheduling": True, "block_size": 16,
 
 
 def register() -> str | None:
-    """Entry point: the platform qualname in emulate mode, else None."""
-    return "emu_executor.platform.EmulatedPlatform" if EmuSettings.from_env().active else None
+    """Entry point: the platform qualname in emulate mode, else None.
+
+    In emulate mode it also registers the step-lateness collector in this process's
+    prometheus registry (the API server serves it on /metrics; see
+    :mod:`emu_executor.lateness`).
+    """
+    if not EmuSettings.from_env().active:
+        return None
+    from emu_executor.lateness import register_collector
+    register_collector()
+    return "emu_executor.platform.EmulatedPlatform"
 
 
 def _fingerprint() -> dict:

@@ -14,6 +14,9 @@ environment (inherited by every vLLM process):
 ``EMUGATE_BOOST``          ``rr`` (default), ``nice`` or ``off``: how the step
                            thread is kept punctual on a busy host (see
                            ``EmulatedExecutor._raise_priority``)
+``EMUGATE_LATE_WARN_MS``   log a warning when a step ends later than this
+                           after the virtual schedule (ms, default 1; ``off``
+                           disables); see :mod:`emu_executor.lateness`
 ``EMUGATE_TIMING_LOG``     file to which the executor appends, at shutdown, each
                            step's timer and consumer lateness (us; see
                            :class:`emu_executor.timing.VirtualDevice`)
@@ -35,6 +38,7 @@ class EmuSettings:
     step_ms: float | None
     timing_log: str | None
     boost: str = "rr"
+    late_warn_ms: float | None = 1.0
 
     @classmethod
     def from_env(cls) -> "EmuSettings":
@@ -46,9 +50,17 @@ class EmuSettings:
             step_ms=float(step) if step else None,
             timing_log=os.environ.get("EMUGATE_TIMING_LOG") or None,
             boost=os.environ.get("EMUGATE_BOOST", "rr"),
+            late_warn_ms=_late_warn(os.environ.get("EMUGATE_LATE_WARN_MS", "1")),
         )
 
     @property
     def active(self) -> bool:
         """Emulate mode is on in this process tree."""
         return self.profile is not None or self.step_ms is not None
+
+
+def _late_warn(v: str) -> float | None:
+    """``EMUGATE_LATE_WARN_MS``: a number of ms, or off/none/0 (no warning)."""
+    if v.strip().lower() in ("off", "none", "", "0"):
+        return None
+    return float(v)

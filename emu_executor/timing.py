@@ -52,7 +52,8 @@ class VirtualDevice:
       late to collect the same way; the device timeline is unaffected).
     """
 
-    def __init__(self, keep: int = 100_000):
+    def __init__(self, keep: int = 100_000, on_late: Callable[[float], None] | None = None):
+        self.on_late = on_late
         self.last_end = 0.0
         self.keep = keep
         self.timer_late_s: list[float] = []
@@ -67,6 +68,9 @@ class VirtualDevice:
         return self.last_end
 
     def record(self, late: tuple[float, bool]) -> None:
+        """Keep one step's lateness (seconds, waited) and pass it to ``on_late``."""
+        if self.on_late is not None:
+            self.on_late(late[0])
         lst = self.timer_late_s if late[1] else self.consumer_late_s
         if len(lst) >= self.keep:
             del lst[: self.keep // 2]

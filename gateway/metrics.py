@@ -74,7 +74,8 @@ class _Families:
 
 
 def merge_vllm_metrics(texts: list[tuple[dict[str, str], str]]) -> bytes:
-    """One valid exposition of the ``vllm:*`` families of several replicas.
+    """One valid exposition of the ``vllm:*`` (and emulated replicas' ``emugate:*``) families of
+    several replicas.
 
     Args:
         texts: (extra labels, exposition text) per replica, e.g.
@@ -92,7 +93,7 @@ def merge_vllm_metrics(texts: list[tuple[dict[str, str], str]]) -> bytes:
         except (ValueError, IndexError, TypeError):
             continue
         for fam in fams:
-            if not fam.name.startswith("vllm:"):
+            if not fam.name.startswith(("vllm:", "emugate:")):
                 continue
             m = merged.get(fam.name)
             if m is None:

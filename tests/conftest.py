@@ -29,12 +29,14 @@ LOG_DIR = ROOT / "runs" / "test-logs"
 
 @contextlib.contextmanager
 def vllm_server(name: str, extra_args: list[str], env: dict[str, str] | None = None,
-                emulate: bool = True, profile: str | None = BUNDLED_PROFILE, step_ms: float | None = None):
+                emulate: bool = True, profile: str | None = BUNDLED_PROFILE, step_ms: float | None = None,
+                model: str = MODEL):
     """Start ``python -m vllm.entrypoints.openai.api_server`` (emulated by default); yield its URL."""
     port = free_port()
-    model_dir = str(resolve_model_dir(MODEL))
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-            "--served-model-name", MODEL, "--tokenizer-mode", "mistral", "--host", "127.0.0.1",
+    model_dir = resolve_model_dir(model)
+    mistral = ["--tokenizer-mode", "mistral"] if (model_dir / "tekken.json").exists() else []
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", model, *mistral, "--host", "127.0.0.1",
             "--port", str(port), *extra_args]
     e = {k: v for k, v in os.environ.items() if not k.startswith("EMUGATE_")}
     e["HF_HUB_OFFLINE"] = "1"

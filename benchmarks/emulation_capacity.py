@@ -1,0 +1,107 @@
+"""Emulation capacity: the highest load one CPU host can emulate a GPU at without falling behind.
+
+Starts the gateway with R emulated replicas of a (GPU) profile, drives the Locust
+ShareGPT workload (``loadtests/sharegpt.py``, Poisson) at increasing request rates,
+and reads each replica's ``emugate:step_lateness_seconds`` histogram (through the
+gateway's /metrics) before and after every rate. A rate is *sustained* when the
+p99 step lateness of the steps run at that rate stays under ``--p99-ms`` (1 ms):
+the host kept the virtual device's schedule, so the latencies it served are the
+device's. Prints one row per rate (completed, failures, output tok/s, TTFT, TPOT,
+lateness p50/p99/max) and the highest sustained rate and its output tok/s.
+
+    python benchmarks/emulation_capacity.py --replicas 1 --rates 5,10,20,30,40
+    python benchmarks/emulation_capacity.py --replicas 2 --rates 10,20,40,60
+
+Lateness quantiles are bucket upper bounds (0.1, 0.25, 0.5, 1, 2.5, 5 ... ms).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import ROOT, start_gateway  # noqa: E402
+from emu_executor.lateness import BUCKETS_S, quantile_from_counts  # noqa: E402
+from gateway.launch import wait_healthy  # noqa: E402
+
+
+def lateness_counts(url: str) -> tuple[list[int], float]:
+    """Per-bucket (non-cumulative) counts summed over replicas, and the max bucket seen."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    cum: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "emugate:step_lateness_seconds":
+            continue
+        for s in fam.samples:
+            if s.name.endswith("_bucket"):
+                cum[s.labels["le"]] = cum.get(s.labels["le"], 0.0) + s.value
+    keys = [str(b) for b in BUCKETS_S] + ["+Inf"]
+    vals = [int(cum.get(k, 0)) for k in keys]
+    return [vals[0]] + [vals[i] - vals[i - 1] for i in range(1, len(vals))], 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="h100-sxm_llama-3.1-8b")
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--rates", default="5,10,20,30,40", help="request rates to try, req/s (ascending)")
+    ap.add_argument("--seconds", type=float, default=30, help="arrivals per rate: rate x seconds prompts")
+    ap.add_argument("--p99-ms", type=float, default=1.0, help="lateness p99 bound that counts as sustained")
+    ap.add_argument("--seed", type=int, default=21)
+    args = ap.parse_args()
+    cfg = (f'[[backends]]\nname = "emu"\nmodel = "{args.model}"\nmode = "emulate"\nprofile = "{args.profile}"\n'
+           f'replicas = {args.replicas}\nmax_model_len = 32768\n')
+    url, proc, log = start_gateway("capacity", cfg)
+    rows, best = [], None
+    try:
+        wait_healthy(url, proc, timeout_s=600, path="/ready")
+        out = Path(tempfile.mkdtemp())
+        for rate in [float(r) for r in args.rates.split(",") if r]:
+            n = max(10, int(rate * args.seconds))
+            before, _ = lateness_counts(url)
+            res = out / f"r{rate}.json"
+            t0 = time.time()
+            subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",
+                            "-H", url, "--request-rate", str(rate), "--num-prompts", str(n), "--seed", str(args.seed),
+                            "--result-json", str(res)], cwd=ROOT, capture_output=True, timeout=1800)
+            after, _ = lateness_counts(url)
+            delta = [a - b for a, b in zip(after, before)]
+            d = json.loads(res.read_text()) if res.exists() else {}
+            p50, p99, mx = (quantile_from_counts(delta, q) * 1000 for q in (0.5, 0.99, 1.0))
+            ok = p99 < args.p99_ms and d.get("failed", 1) == 0
+            row = {"rate": rate, "prompts": n, "completed": d.get("completed"), "failed": d.get("failed"),
+                   "out_tok_s": d.get("output_throughput"), "mean_ttft_ms": d.get("mean_ttft_ms"),
+                   "mean_tpot_ms": d.get("mean_tpot_ms"), "steps": sum(delta), "late_p50_ms": p50,
+                   "late_p99_ms": p99, "late_max_ms": mx, "sustained": ok, "wall_s": round(time.time() - t0, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if ok:
+                best = row
+    finally:
+        proc.stop()
+    print(f"\nreplicas {args.replicas}, profile {args.profile}")
+    print("| rate | completed | failed | out tok/s | mean TTFT ms | mean TPOT ms | steps | lateness p50 / p99 / max ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['rate']:g} | {r['completed']} | {r['failed']} | {r['out_tok_s'] or 0:.0f} | "
+              f"{r['mean_ttft_ms'] or 0:.1f} | {r['mean_tpot_ms'] or 0:.2f} | {r['steps']} | "
+              f"{r['late_p50_ms']:g} / {r['late_p99_ms']:g} / {r['late_max_ms']:g} |")
+    if best:
+        print(f"highest sustained (lateness p99 < {args.p99_ms} ms): {best['rate']:g} req/s, "
+              f"{best['out_tok_s']:.0f} output tok/s")
+    else:
+        print("no rate sustained")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

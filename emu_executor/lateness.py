@@ -1,0 +1,164 @@
+"""Step lateness: how far the emulated engine falls behind its virtual device.
+
+Each emulated step has a virtual end time (:class:`~emu_executor.timing.VirtualDevice`).
+Its *lateness* is ``max(0, time its output reached the engine - virtual end)``, in
+seconds: the timer's own overshoot when the engine was already waiting, or the
+engine loop's delay when it asked late (the host, busy with the API server,
+detokenizing and streaming, could not keep up with the device). A GPU emits
+tokens faster than a small CPU host may stream them through vLLM's API server;
+when lateness grows, the emulation runs slower than the device it emulates and
+its latencies are no longer the GPU's. This module makes that visible:
+
+* the executor (engine-core process) keeps a cumulative histogram
+  (:class:`LatenessStats`) and writes it, at most every ``FLUSH_S``, to a small
+  JSON file named after the API-server process (the engine core's parent);
+* the platform plugin, loaded in the API-server process too, registers
+  :class:`LatenessCollector` in prometheus_client's default registry, so vLLM's
+  own ``/metrics`` serves ``emugate:step_lateness_seconds`` (a histogram) next to
+  the ``vllm:*`` families, and the gateway merges it like them;
+* the executor logs a warning when a step is later than ``EMUGATE_LATE_WARN_MS``
+  (default 1 ms), at most once every ``WARN_EVERY_S`` seconds, with the count.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("vllm.emugate.lateness")
+
+#: Histogram bucket upper bounds, seconds (0.1 ms to 1 s).
+BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Minimum seconds between two writes of the stats file.
+FLUSH_S = 0.25
+#: Minimum seconds between two lateness warnings in the log.
+WARN_EVERY_S = 10.0
+METRIC = "emugate:step_lateness_seconds"
+
+
+def stats_path(api_server_pid: int) -> Path:
+    """The stats file of the vLLM server whose API-server process has this pid."""
+    return Path(tempfile.gettempdir()) / f"emugate-lateness-{api_server_pid}.json"
+
+
+class LatenessStats:
+    """Cumulative lateness histogram of one emulated engine, flushed to ``path``.
+
+    Args:
+        path: the stats file (``None``: keep in memory only).
+        warn_ms: log a warning for steps later than this (ms); ``None`` disables.
+    """
+
+    def __init__(self, path: Path | None, warn_ms: float | None = 1.0):
+        self.path = path
+        self.counts = [0] * (len(BUCKETS_S) + 1)
+        self.sum_s = 0.0
+        self.count = 0
+        self.max_s = 0.0
+        self.warn_s = None if warn_ms is None else warn_ms / 1000.0
+        self._late_since_warn = 0
+        self._worst_since_warn = 0.0
+        self._last_warn = 0.0
+        self._last_flush = 0.0
+
+    def observe(self, late_s: float) -> None:
+        """Record one step's lateness (seconds; negative counts as 0)."""
+        late_s = max(0.0, late_s)
+        i = 0
+        while i < len(BUCKETS_S) and late_s > BUCKETS_S[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum_s += late_s
+        self.count += 1
+        self.max_s = max(self.max_s, late_s)
+        now = time.monotonic()
+        if self.warn_s is not None and late_s > self.warn_s:
+            self._late_since_warn += 1
+            self._worst_since_warn = max(self._worst_since_warn, late_s)
+            if now - self._last_warn >= WARN_EVERY_S:
+                logger.warning(
+                    "emugate: %d step(s) ended more than %.1f ms after the virtual device's schedule "
+                    "(worst %.1f ms): this host cannot keep up with the emulated device, so latencies "
+                    "run slower than that device's; use fewer requests per replica or more replicas",
+                    self._late_since_warn, self.warn_s * 1000, self._worst_since_warn * 1000)
+                self._last_warn, self._late_since_warn, self._worst_since_warn = now, 0, 0.0
+        if self.path is not None and now - self._last_flush >= FLUSH_S:
+            self.flush()
+
+    def snapshot(self) -> dict:
+        return {"buckets": list(BUCKETS_S), "counts": self.counts, "sum": self.sum_s, "count": self.count,
+                "max": self.max_s}
+
+    def flush(self) -> None:
+        """Write the histogram atomically (temp file + rename)."""
+        if self.path is None:
+            return
+        self._last_flush = time.monotonic()
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.snapshot()))
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full or read-only tmp must not stop the engine
+            logger.debug("emugate: could not write lateness stats: %s", e)
+
+    def quantile(self, q: float) -> float:
+        """Upper bucket bound holding quantile ``q`` (seconds; inf beyond the last bucket)."""
+        return quantile_from_counts(self.counts, q)
+
+
+def quantile_from_counts(counts: list[int], q: float) -> float:
+    """The bucket upper bound (s) at quantile ``q`` of a histogram over ``BUCKETS_S`` (+Inf)."""
+    total = sum(counts)
+    if total == 0:
+        return 0.0
+    acc = 0
+    for i, c in enumerate(counts):
+        acc += c
+        if acc >= q * total:
+            return BUCKETS_S[i] if i < len(BUCKETS_S) else float("inf")
+    return float("inf")
+
+
+class LatenessCollector:
+    """prometheus_client collector: the stats file of this API server as a histogram.
+
+    Registered by the platform plugin in the API-server process; yields nothing
+    until the engine has written the file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+        try:
+            snap = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        acc, buckets = 0, []
+        for bound, c in zip(list(snap["buckets"]) + ["+Inf"], snap["counts"]):
+            acc += c
+            buckets.append((str(bound) if bound != "+Inf" else "+Inf", acc))
+        fam = HistogramMetricFamily(METRIC, "Lateness of emulated step ends against the virtual device's "
+                                            "schedule (seconds; 0 when the host keeps up)",
+                                    buckets=buckets, sum_value=snap["sum"])
+        yield fam
+
+
+_registered = False
+
+
+def register_collector() -> None:
+    """Register :class:`LatenessCollector` for this process (once); called in the API server."""
+    global _registered
+    if _registered:
+        return
+    try:
+        from prometheus_client import REGISTRY
+        REGISTRY.register(LatenessCollector(stats_path(os.getpid())))
+        _registered = True
+    except Exception as e:  # never break vLLM's start-up over a metric
+        logger.debug("emugate: lateness collector not registered: %s", e)
