@@ -89,7 +89,8 @@ def main() -> int:
     finally:
         proc.stop()
     print(f"\nreplicas {args.replicas}, profile {args.profile}")
-    print("| rate | completed | failed | out tok/s | mean TTFT ms | mean TPOT ms | steps | lateness p50 / p99 / max ms |")
+    print("| rate | completed | failed | out tok/s | mean TTFT ms | mean TPOT ms | steps "
+          "| lateness p50 / p99 / max ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['rate']:g} | {r['completed']} | {r['failed']} | {r['out_tok_s'] or 0:.0f} | "

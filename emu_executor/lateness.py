@@ -10,8 +10,10 @@ when lateness grows, the emulation runs slower than the device it emulates and
 its latencies are no longer the GPU's. This module makes that visible:
 
 * the executor (engine-core process) keeps a cumulative histogram
-  (:class:`LatenessStats`) and writes it, at most every ``FLUSH_S``, to a small
-  JSON file named after the API-server process (the engine core's parent);
+  (:class:`LatenessStats`) in a small memory-mapped file named after the
+  API-server process (the engine core's parent): float64 ``[count per bucket
+  (len(BUCKETS_S) + 1), sum_s, count, max_s]``, updated in place per step (no
+  system call on the step path), read at scrape time;
 * the platform plugin, loaded in the API-server process too, registers
   :class:`LatenessCollector` in prometheus_client's default registry, so vLLM's
   own ``/metrics`` serves ``emugate:step_lateness_seconds`` (a histogram) next to
@@ -21,9 +23,9 @@ its latencies are no longer the GPU's. This module makes that visible:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +34,6 @@ logger = logging.getLogger("vllm.emugate.lateness")
 
 #: Histogram bucket upper bounds, seconds (0.1 ms to 1 s).
 BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-#: Minimum seconds between two writes of the stats file.
-FLUSH_S = 0.25
 #: Minimum seconds between two lateness warnings in the log.
 WARN_EVERY_S = 10.0
 METRIC = "emugate:step_lateness_seconds"
@@ -41,7 +41,10 @@ METRIC = "emugate:step_lateness_seconds"
 
 def stats_path(api_server_pid: int) -> Path:
     """The stats file of the vLLM server whose API-server process has this pid."""
-    return Path(tempfile.gettempdir()) / f"emugate-lateness-{api_server_pid}.json"
+    return Path(tempfile.gettempdir()) / f"emugate-lateness-{api_server_pid}.f64"
+
+
+_SLOTS = len(BUCKETS_S) + 1 + 3  # bucket counts, sum_s, count, max_s
 
 
 class LatenessStats:
@@ -62,7 +65,13 @@ class LatenessStats:
         self._late_since_warn = 0
         self._worst_since_warn = 0.0
         self._last_warn = 0.0
-        self._last_flush = 0.0
+        self._mm = None
+        if path is not None:
+            try:
+                import numpy as np
+                self._mm = np.memmap(path, dtype="<f8", mode="w+", shape=(_SLOTS,))
+            except OSError as e:  # a full or read-only tmp must not stop the engine
+                logger.debug("emugate: lateness stats file unavailable: %s", e)
 
     def observe(self, late_s: float) -> None:
         """Record one step's lateness (seconds; negative counts as 0)."""
@@ -74,6 +83,10 @@ class LatenessStats:
         self.sum_s += late_s
         self.count += 1
         self.max_s = max(self.max_s, late_s)
+        mm = self._mm
+        if mm is not None:
+            mm[i] += 1
+            mm[-3], mm[-2], mm[-1] = self.sum_s, self.count, self.max_s
         now = time.monotonic()
         if self.warn_s is not None and late_s > self.warn_s:
             self._late_since_warn += 1
@@ -85,24 +98,11 @@ class LatenessStats:
                     "run slower than that device's; use fewer requests per replica or more replicas",
                     self._late_since_warn, self.warn_s * 1000, self._worst_since_warn * 1000)
                 self._last_warn, self._late_since_warn, self._worst_since_warn = now, 0, 0.0
-        if self.path is not None and now - self._last_flush >= FLUSH_S:
-            self.flush()
-
-    def snapshot(self) -> dict:
-        return {"buckets": list(BUCKETS_S), "counts": self.counts, "sum": self.sum_s, "count": self.count,
-                "max": self.max_s}
 
     def flush(self) -> None:
-        """Write the histogram atomically (temp file + rename)."""
-        if self.path is None:
-            return
-        self._last_flush = time.monotonic()
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.snapshot()))
-            os.replace(tmp, self.path)
-        except OSError as e:  # a full or read-only tmp must not stop the engine
-            logger.debug("emugate: could not write lateness stats: %s", e)
+        """Push the mapped file to disk (readers see updates without it; used at shutdown)."""
+        if self._mm is not None:
+            self._mm.flush()
 
     def quantile(self, q: float) -> float:
         """Upper bucket bound holding quantile ``q`` (seconds; inf beyond the last bucket)."""
@@ -135,11 +135,15 @@ class LatenessCollector:
     def collect(self):
         from prometheus_client.core import HistogramMetricFamily
         try:
-            snap = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            raw = self.path.read_bytes()
+        except OSError:
             return
-        acc, buckets = 0, []
-        for bound, c in zip(list(snap["buckets"]) + ["+Inf"], snap["counts"]):
+        if len(raw) != _SLOTS * 8:
+            return
+        vals = struct.unpack(f"<{_SLOTS}d", raw)
+        snap = {"counts": vals[:len(BUCKETS_S) + 1], "sum": vals[-3]}
+        acc, buckets = 0.0, []
+        for bound, c in zip(list(BUCKETS_S) + ["+Inf"], snap["counts"]):
             acc += c
             buckets.append((str(bound) if bound != "+Inf" else "+Inf", acc))
         fam = HistogramMetricFamily(METRIC, "Lateness of emulated step ends against the virtual device's "

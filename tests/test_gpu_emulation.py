@@ -55,7 +55,8 @@ def test_h100_chat_counts_real_llama_tokens_and_streams(h100):
     from profiles.assets import resolve_model_dir
     tok = AutoTokenizer.from_pretrained(str(resolve_model_dir("llama-3.1-8b")))
     msgs = [{"role": "user", "content": "Explain KV-cache paging in two sentences, please."}]
-    expected = len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    expected = len(tok.encode(text, add_special_tokens=False))
     r = httpx.post(url + "/v1/chat/completions", timeout=60,
                    json={"model": "llama-3.1-8b", "messages": msgs, "max_tokens": 64, "ignore_eos": True,
                          "stream": True, "stream_options": {"include_usage": True}})

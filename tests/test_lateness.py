@@ -12,11 +12,10 @@ from gateway.metrics import merge_vllm_metrics
 
 
 def test_histogram_file_and_collector(tmp_path):
-    path = tmp_path / "late.json"
+    path = tmp_path / "late.f64"
     st = LatenessStats(path, warn_ms=None)
     for x in [0.0] * 97 + [0.0004, 0.003, 0.2]:
         st.observe(x)
-    st.flush()
     assert st.count == 100 and abs(st.sum_s - 0.2034) < 1e-9
     assert st.quantile(0.5) == 0.0001 and st.quantile(0.99) == 0.005 and st.quantile(1.0) == 0.25
     reg = CollectorRegistry()
@@ -30,7 +29,7 @@ def test_histogram_file_and_collector(tmp_path):
 
 def test_collector_without_file_yields_nothing(tmp_path):
     reg = CollectorRegistry()
-    reg.register(LatenessCollector(tmp_path / "absent.json"))
+    reg.register(LatenessCollector(tmp_path / "absent.f64"))
     assert METRIC not in generate_latest(reg).decode()
 
 
@@ -45,7 +44,7 @@ def test_warning_names_the_problem_once_per_interval(tmp_path, caplog):
 
 
 def test_gateway_merges_emugate_families(tmp_path):
-    path = tmp_path / "late.json"
+    path = tmp_path / "late.f64"
     st = LatenessStats(path, warn_ms=None)
     st.observe(0.002)
     st.flush()
