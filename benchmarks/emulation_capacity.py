@@ -33,8 +33,8 @@ from emu_executor.lateness import BUCKETS_S, quantile_from_counts  # noqa: E402
 from gateway.launch import wait_healthy  # noqa: E402
 
 
-def lateness_counts(url: str) -> tuple[list[int], float]:
-    """Per-bucket (non-cumulative) counts summed over replicas, and the max bucket seen."""
+def lateness_counts(url: str) -> list[int]:
+    """Per-bucket (non-cumulative) step counts, summed over the gateway's replicas."""
     text = httpx.get(url + "/metrics", timeout=10).text
     cum: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
@@ -45,7 +45,7 @@ def lateness_counts(url: str) -> tuple[list[int], float]:
                 cum[s.labels["le"]] = cum.get(s.labels["le"], 0.0) + s.value
     keys = [str(b) for b in BUCKETS_S] + ["+Inf"]
     vals = [int(cum.get(k, 0)) for k in keys]
-    return [vals[0]] + [vals[i] - vals[i - 1] for i in range(1, len(vals))], 0.0
+    return [vals[0]] + [vals[i] - vals[i - 1] for i in range(1, len(vals))]
 
 
 def main() -> int:
@@ -67,13 +67,13 @@ def main() -> int:
         out = Path(tempfile.mkdtemp())
         for rate in [float(r) for r in args.rates.split(",") if r]:
             n = max(10, int(rate * args.seconds))
-            before, _ = lateness_counts(url)
+            before = lateness_counts(url)
             res = out / f"r{rate}.json"
             t0 = time.time()
             subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",
                             "-H", url, "--request-rate", str(rate), "--num-prompts", str(n), "--seed", str(args.seed),
                             "--result-json", str(res)], cwd=ROOT, capture_output=True, timeout=1800)
-            after, _ = lateness_counts(url)
+            after = lateness_counts(url)
             delta = [a - b for a, b in zip(after, before)]
             d = json.loads(res.read_text()) if res.exists() else {}
             p50, p99, mx = (quantile_from_counts(delta, q) * 1000 for q in (0.5, 0.99, 1.0))

@@ -315,7 +315,7 @@ class EmulatedExecutor(Executor):
         return None
 
     def shutdown(self) -> None:
-        self.lateness.flush()
+        self.lateness.close()
         if self.settings.timing_log:
             with open(self.settings.timing_log, "a") as f:
                 f.write("".join(f"timer {x * 1e6:.1f}\n" for x in self.device.timer_late_s))

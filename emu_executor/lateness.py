@@ -23,12 +23,16 @@ its latencies are no longer the GPU's. This module makes that visible:
 """
 from __future__ import annotations
 
+import atexit
+import bisect
 import logging
 import os
 import struct
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 logger = logging.getLogger("vllm.emugate.lateness")
 
@@ -48,7 +52,11 @@ _SLOTS = len(BUCKETS_S) + 1 + 3  # bucket counts, sum_s, count, max_s
 
 
 class LatenessStats:
-    """Cumulative lateness histogram of one emulated engine, flushed to ``path``.
+    """Cumulative lateness histogram of one emulated engine, kept in ``path``.
+
+    The state is one float64 array (``[count per bucket..., sum_s, count, max_s]``),
+    memory-mapped onto ``path`` so the API server reads it without the engine doing any
+    I/O per step.
 
     Args:
         path: the stats file (``None``: keep in memory only).
@@ -57,52 +65,60 @@ class LatenessStats:
 
     def __init__(self, path: Path | None, warn_ms: float | None = 1.0):
         self.path = path
-        self.counts = [0] * (len(BUCKETS_S) + 1)
-        self.sum_s = 0.0
-        self.count = 0
-        self.max_s = 0.0
         self.warn_s = None if warn_ms is None else warn_ms / 1000.0
         self._late_since_warn = 0
         self._worst_since_warn = 0.0
         self._last_warn = 0.0
-        self._mm = None
+        self._v = np.zeros(_SLOTS)
         if path is not None:
             try:
-                import numpy as np
-                self._mm = np.memmap(path, dtype="<f8", mode="w+", shape=(_SLOTS,))
+                self._v = np.memmap(path, dtype="<f8", mode="w+", shape=(_SLOTS,))
             except OSError as e:  # a full or read-only tmp must not stop the engine
                 logger.debug("emugate: lateness stats file unavailable: %s", e)
+                self.path = None
+
+    @property
+    def counts(self) -> list[int]:
+        """Steps per bucket (``BUCKETS_S`` then +Inf)."""
+        return [int(c) for c in self._v[:-3]]
+
+    @property
+    def sum_s(self) -> float:
+        return float(self._v[-3])
+
+    @property
+    def count(self) -> int:
+        return int(self._v[-2])
 
     def observe(self, late_s: float) -> None:
         """Record one step's lateness (seconds; negative counts as 0)."""
         late_s = max(0.0, late_s)
-        i = 0
-        while i < len(BUCKETS_S) and late_s > BUCKETS_S[i]:
-            i += 1
-        self.counts[i] += 1
-        self.sum_s += late_s
-        self.count += 1
-        self.max_s = max(self.max_s, late_s)
-        mm = self._mm
-        if mm is not None:
-            mm[i] += 1
-            mm[-3], mm[-2], mm[-1] = self.sum_s, self.count, self.max_s
-        now = time.monotonic()
+        v = self._v
+        v[bisect.bisect_left(BUCKETS_S, late_s)] += 1
+        v[-3] += late_s
+        v[-2] += 1
+        if late_s > v[-1]:
+            v[-1] = late_s
         if self.warn_s is not None and late_s > self.warn_s:
-            self._late_since_warn += 1
-            self._worst_since_warn = max(self._worst_since_warn, late_s)
-            if now - self._last_warn >= WARN_EVERY_S:
-                logger.warning(
-                    "emugate: %d step(s) ended more than %.1f ms after the virtual device's schedule "
-                    "(worst %.1f ms): this host cannot keep up with the emulated device, so latencies "
-                    "run slower than that device's; use fewer requests per replica or more replicas",
-                    self._late_since_warn, self.warn_s * 1000, self._worst_since_warn * 1000)
-                self._last_warn, self._late_since_warn, self._worst_since_warn = now, 0, 0.0
+            self._warn(late_s)
 
-    def flush(self) -> None:
-        """Push the mapped file to disk (readers see updates without it; used at shutdown)."""
-        if self._mm is not None:
-            self._mm.flush()
+    def _warn(self, late_s: float) -> None:
+        self._late_since_warn += 1
+        self._worst_since_warn = max(self._worst_since_warn, late_s)
+        now = time.monotonic()
+        if now - self._last_warn >= WARN_EVERY_S:
+            logger.warning(
+                "emugate: %d step(s) ended more than %.1f ms after the virtual device's schedule "
+                "(worst %.1f ms): this host cannot keep up with the emulated device, so latencies "
+                "run slower than that device's; use fewer requests per replica or more replicas",
+                self._late_since_warn, self.warn_s * 1000, self._worst_since_warn * 1000)
+            self._last_warn, self._late_since_warn, self._worst_since_warn = now, 0, 0.0
+
+    def close(self) -> None:
+        """Remove the stats file (engine shutdown: the API server stops serving it)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
 
     def quantile(self, q: float) -> float:
         """Upper bucket bound holding quantile ``q`` (seconds; inf beyond the last bucket)."""
@@ -162,7 +178,11 @@ def register_collector() -> None:
         return
     try:
         from prometheus_client import REGISTRY
-        REGISTRY.register(LatenessCollector(stats_path(os.getpid())))
+        path = stats_path(os.getpid())
+        REGISTRY.register(LatenessCollector(path))
+        # the engine core is often killed with its process group before its executor's
+        # shutdown runs; the API server, whose pid names the file, removes it on exit
+        atexit.register(path.unlink, missing_ok=True)
         _registered = True
     except Exception as e:  # never break vLLM's start-up over a metric
         logger.debug("emugate: lateness collector not registered: %s", e)

@@ -96,8 +96,7 @@ def cmd_synth(args) -> int:
         prof, kv = synthesize(spec, cal, lens, progress=lambda i, n: bar.update(task, completed=i, total=n))
     if args.raw:
         prof.meta["label"] = "ESTIMATE: raw aiconfigurator-core kernel sums, uncalibrated"
-    prof.meta["command"] = "emugate profile synth " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["profile", "synth"]
-                                                               else sys.argv[2:])
+    prof.meta["command"] = " ".join(sys.argv)
     prof.save(args.out)
     print(f"{prof.num_steps} synthesized steps -> {args.out}")
     print(f"KV capacity: {kv.arithmetic()}")

@@ -206,7 +206,9 @@ class _GapModel:
     README, Fidelity). Only positive gaps are kept (0 marks overlap or idleness).
     """
 
-    def __init__(self, keys: list[tuple[int, int, int]], gaps: np.ndarray, rng: random.Random):
+    def __init__(self, keys: list[tuple[int, int, int]], gaps: np.ndarray, rng: random.Random,
+                 split_mixed: bool = False):
+        self._split = split_mixed
         pos = gaps > 0
         self.active = bool(pos.sum() >= 3)
         self._rng = rng
@@ -214,15 +216,16 @@ class _GapModel:
             self._cells = _Cells([k for k, p in zip(keys, pos) if p], gaps[pos].astype(float))
 
     @classmethod
-    def build(cls, profile: Profile, keys, idx, rng) -> "_GapModel | None":
+    def build(cls, profile: Profile, keys, idx, rng, split_mixed: bool = False) -> "_GapModel | None":
+        """From the oracle's own grid keys (``split_mixed`` as the oracle's, so lookups match)."""
         gaps = profile.steps["host_gap_us"]
         if idx is not None:
             gaps = gaps[idx]
-        model = cls(keys, np.asarray(gaps), rng)
+        model = cls(keys, np.asarray(gaps), rng, split_mixed)
         return model if model.active else None
 
     def sample(self, f: StepFeatures) -> float:
-        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        cell = self._cells.lookup(_key(f, self._split))
         if cell is None:
             return 0.0
         samples = cell[1]
@@ -248,11 +251,11 @@ class Grid2DOracle(LatencyOracle):
         self._fallback = float(np.median(lat)) if len(lat) else 1000.0
 
     def predict_us(self, f: StepFeatures) -> float:
-        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        cell = self._cells.lookup(_key(f))
         return cell[0] if cell else self._fallback
 
     def sample_us(self, f: StepFeatures) -> float:
-        cell = self._cells.lookup((f.step_class, _bucket(f.num_tokens), _bucket(f.num_reqs)))
+        cell = self._cells.lookup(_key(f))
         if cell is None:
             return self._fallback
         samples = cell[1]
@@ -331,7 +334,7 @@ class FeatureOracle(LatencyOracle):
         ratios = lat / lin if len(lat) else lat
         self._cells = _Cells(keys, ratios)
         self._rng = random.Random(seed)
-        self._gaps = _GapModel.build(profile, keys, idx, random.Random(seed + 1))
+        self._gaps = _GapModel.build(profile, keys, idx, random.Random(seed + 1), self._split)
 
     def _linear(self, f: StepFeatures) -> float:
         c = (self._coef.get(f.oracle_class(self._split)) or self._coef.get(f.step_class)

@@ -94,7 +94,7 @@ def synth_table(path: str, exact=None) -> str:
     itself), printed beside it with the oracle's % difference. Shapes beyond the profile's
     max_num_seqs / max_num_batched_tokens are marked n/a. Also prints the KV capacity.
     """
-    from profiles.oracle import FeatureOracle, StepFeatures
+    from profiles.oracle import FeatureOracle
     from profiles.synth import StepShape, shape_features
     prof = Profile.load(path)
     fp = prof.fingerprint
@@ -111,7 +111,7 @@ def synth_table(path: str, exact=None) -> str:
         if not ok:
             lines.append(f"  {name:24s} n/a (beyond max_num_seqs {mns} / max_num_batched_tokens {mnbt})")
             continue
-        ms = oracle.predict_us(StepFeatures(**shape_features(s))) / 1000.0
+        ms = oracle.predict_us(shape_features(s)) / 1000.0
         line = f"  {name:24s} {ms:8.2f} ms"
         if exact is not None:
             ex = exact(s)

@@ -26,6 +26,8 @@ vLLM's CUDA-graph capture sizes where vLLM pads them (:func:`padded_tokens`).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from profiles.format import Profile
-from profiles.oracle import LINEAR_FEATURES
+from profiles.oracle import LINEAR_FEATURES, StepFeatures
 
 GIB = 1 << 30
 
@@ -325,24 +327,8 @@ class AicStepModel:
     """
 
     def __init__(self, hw: Hardware, model: str, dtype: str, tp: int, max_num_seqs: int):
-        try:
-            from aiconfigurator_core.sdk import RustForwardPassPerfModel
-            from aiconfigurator_core.sdk import engine as aic_engine
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise ImportError('emugate profile synth needs aiconfigurator-core: pip install -e ".[synth]"') from e
-        logging.getLogger("aiconfigurator_core").setLevel(logging.ERROR)
         self.hw, self.model, self.dtype, self.tp = hw, model, dtype, tp
-        self.config = {
-            "schema_version": aic_engine.ENGINE_CONFIG_SCHEMA_VERSION, "model_name": model,
-            "system_name": hw.aic_system, "backend": "vllm", "backend_version": hw.aic_version,
-            "tp_size": tp, "pp_size": 1, "weight_dtype": "fp8" if dtype == "fp8" else None,
-            "kv_cache_dtype": None,
-        }
-        try:
-            self._model = RustForwardPassPerfModel.from_native(self.config)
-        except Exception as e:
-            raise RuntimeError(f"aiconfigurator-core cannot model {model} on {hw.aic_system} "
-                               f"(vLLM {hw.aic_version}, TP{tp}, {dtype}): {e}") from e
+        self._model = _native_model(hw.aic_system, hw.aic_version, model, dtype, tp)
         self.graph_sizes = cudagraph_sizes(max_num_seqs, hw.max_graph_size)
 
     @staticmethod
@@ -372,6 +358,28 @@ class AicStepModel:
         return float(out)
 
 
+@functools.lru_cache(maxsize=8)
+def _native_model(system: str, version: str, model: str, dtype: str, tp: int):
+    """AIC's compiled forward-pass model for one deployment (~1 s to build; cached, so
+    ``synth``'s step table and its summary share one)."""
+    try:
+        from aiconfigurator_core.sdk import RustForwardPassPerfModel
+        from aiconfigurator_core.sdk import engine as aic_engine
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError('emugate profile synth needs aiconfigurator-core: pip install -e ".[synth]"') from e
+    logging.getLogger("aiconfigurator_core").setLevel(logging.ERROR)
+    config = {
+        "schema_version": aic_engine.ENGINE_CONFIG_SCHEMA_VERSION, "model_name": model,
+        "system_name": system, "backend": "vllm", "backend_version": version,
+        "tp_size": tp, "pp_size": 1, "weight_dtype": "fp8" if dtype == "fp8" else None, "kv_cache_dtype": None,
+    }
+    try:
+        return RustForwardPassPerfModel.from_native(config)
+    except Exception as e:
+        raise RuntimeError(f"aiconfigurator-core cannot model {model} on {system} "
+                           f"(vLLM {version}, TP{tp}, {dtype}): {e}") from e
+
+
 # -------------------------------------------------------------- shapes
 def step_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, kv_tokens: int,
                 n: int = 12000, seed: int = 0) -> list[StepShape]:
@@ -388,6 +396,10 @@ def step_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: i
 
     def log_int(lo: float, hi: float) -> int:
         return int(round(math.exp(rng.uniform(math.log(lo), math.log(max(hi, lo))))))
+
+    def cached_prefix(p: int) -> int:
+        """Half the chunks start at 0, half after a cached prefix (chunked prefill / prefix hit)."""
+        return 0 if rng.random() < 0.5 else int(rng.integers(0, max(1, max_model_len - p)))
 
     def decode_batch(b_max: int) -> tuple[int, int]:
         b = log_int(1, b_max)
@@ -410,19 +422,17 @@ def step_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: i
             out.append(StepShape(k, sum(toks), 0, 0, 0))
         else:
             p = log_int(16, budget)
-            prefix = 0 if rng.random() < 0.5 else int(rng.integers(0, max(1, max_model_len - p)))
-            out.append(StepShape(1, p, prefix, 0, 0))
+            out.append(StepShape(1, p, cached_prefix(p), 0, 0))
     while len(out) < n:
         b, kv = decode_batch(min(max_num_seqs, budget - 1))
         room = budget - b
         p = room if rng.random() < 0.5 else log_int(1, room)
-        prefix = 0 if rng.random() < 0.5 else int(rng.integers(0, max(1, max_model_len - p)))
-        out.append(StepShape(1, p, prefix, b, kv))
+        out.append(StepShape(1, p, cached_prefix(p), b, kv))
     return out
 
 
-def shape_features(s: StepShape) -> dict[str, int]:
-    """The profile step-table columns (:data:`profiles.format.STEP_COLUMNS`) of a shape.
+def shape_features(s: StepShape) -> StepFeatures:
+    """The oracle's features of a shape (the profile step-table columns but latency).
 
     ``attn_work`` = sum over requests of scheduled x (computed + scheduled/2): a decode
     request adds its context + 0.5, the prefill chunk p after k cached tokens p x (k + p/2)
@@ -430,12 +440,10 @@ def shape_features(s: StepShape) -> dict[str, int]:
     """
     per = s.prefill_tokens / max(s.prefill_reqs, 1)
     pre_work = s.prefill_reqs * per * (s.prefill_kv / max(s.prefill_reqs, 1) + per / 2)
-    return {
-        "num_tokens": s.num_tokens, "num_reqs": s.prefill_reqs + s.decode_reqs,
-        "prefill_tokens": s.prefill_tokens, "decode_reqs": s.decode_reqs,
-        "prefill_reqs": s.prefill_reqs, "context_tokens": s.prefill_kv + s.decode_kv,
-        "attn_work": int(round(pre_work + s.decode_kv + s.decode_reqs / 2)),
-    }
+    return StepFeatures(num_tokens=s.num_tokens, num_reqs=s.prefill_reqs + s.decode_reqs,
+                        prefill_tokens=s.prefill_tokens, decode_reqs=s.decode_reqs, prefill_reqs=s.prefill_reqs,
+                        context_tokens=s.prefill_kv + s.decode_kv,
+                        attn_work=int(round(pre_work + s.decode_kv + s.decode_reqs / 2)))
 
 
 # ------------------------------------------------------------- building
@@ -481,11 +489,12 @@ def synthesize(spec: SynthSpec, calibration, output_lengths: np.ndarray | None =
     kv = kv_capacity(hw, dims, spec.dtype, spec.tp, spec.gpu_memory_utilization, mnbt, mns, spec.block_size)
     aic = AicStepModel(hw, spec.aic_model or spec.model_dir, spec.dtype, spec.tp, mns)
     shapes = step_shapes(mnbt, mns, mml, kv.tokens, spec.num_steps, spec.seed)
-    cols: dict[str, list[int]] = {k: [] for k in ("num_tokens", "num_reqs", "prefill_tokens", "decode_reqs",
-                                                  "prefill_reqs", "context_tokens", "attn_work", "latency_us")}
+    feature_names = [f.name for f in dataclasses.fields(StepFeatures)]
+    cols: dict[str, list[int]] = {k: [] for k in [*feature_names, "latency_us"]}
     for i, s in enumerate(shapes):
-        for k, v in shape_features(s).items():
-            cols[k].append(v)
+        f = shape_features(s)
+        for k in feature_names:
+            cols[k].append(getattr(f, k))
         cols["latency_us"].append(int(round(calibration.apply(aic.raw_ms(s), s.phase) * 1000)))
         if progress is not None and (i % 500 == 0 or i == len(shapes) - 1):
             progress(i + 1, len(shapes))

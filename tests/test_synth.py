@@ -13,7 +13,7 @@ from profiles.assets import resolve_model_dir
 from profiles.calibration import (Calibration, RefDataset, RefPoint, aic_estimators, cross_validate, errors, fit,
                                   reference_datasets)
 from profiles.format import Profile
-from profiles.oracle import FeatureOracle, StepFeatures
+from profiles.oracle import FeatureOracle
 from profiles.synth import (AicStepModel, ModelDims, StepShape, SynthSpec, cudagraph_sizes, hardware, kv_capacity,
                             padded_tokens, shape_features, synthesize, vllm_scheduler_defaults)
 
@@ -119,7 +119,7 @@ def test_synthesize_small_profile(tmp_path):
     oracle = FeatureOracle(back)
     for shape in (StepShape(0, 0, 0, 48, 48 * 1500), StepShape(1, 3000, 0, 0, 0), StepShape(1, 1000, 0, 20, 20 * 900)):
         exact = cal.apply(aic.raw_ms(shape), shape.phase)
-        got = oracle.predict_us(StepFeatures(**shape_features(shape))) / 1000
+        got = oracle.predict_us(shape_features(shape)) / 1000
         assert got == pytest.approx(exact, rel=0.15), shape
 
 
