@@ -11,7 +11,12 @@ the validation workload (seed 7, not the capture's), and print:
   tokens: it equals the client's mean ITL when the API server keeps up);
 * the oracle's error on the *real* steps: for every real step the mean of
   30 oracle draws for its features vs its measured time, per batch-size
-  bucket (decode) and for prefill-containing steps.
+  bucket (decode), for prefill-containing steps and for steps that
+  recomputed KV after a preemption;
+* the engine figures of both runs (:mod:`emugate.engine_trace`: steps,
+  mean batch, preemptions, recomputed and prefix-cached tokens);
+* mean TPOT per output-length bucket, real vs emulated (short requests
+  are the ones a preemption or a long prefill step hurts most).
 
 This separates "the oracle mispredicts steps" from "the emulated engine's
 schedule drifts away from the real one". One run takes ~6 min on 2 cores.
@@ -35,6 +40,7 @@ from emugate.capture import steps_since, with_trace
 from profiles.assets import resolve_profile
 from profiles.format import Profile
 from profiles.oracle import build_oracle, profile_features
+from emugate.engine_trace import engine_figures, format_figures, tpot_by_length
 from emugate.validate import warm_up
 
 BUCKETS = [(1, 4), (4, 8), (8, 16), (16, 24), (24, 1 << 20)]
@@ -75,9 +81,9 @@ def oracle_error(c: dict[str, np.ndarray], oracle, draws: int = 30) -> list[tupl
         if m.any():
             label = f"decode {lo}-{hi - 1 if hi < 1 << 20 else ''} reqs"
             rows.append((label, int(m.sum()), pred[m].sum() / lat[m].sum() - 1))
-    m = ~dec
-    if m.any():
-        rows.append(("prefill-containing", int(m.sum()), pred[m].sum() / lat[m].sum() - 1))
+    for label, m in (("prefill-containing", ~dec), ("with recomputation", c.get("recomputed_tokens", 0 * lat) > 0)):
+        if m.any():
+            rows.append((label, int(m.sum()), pred[m].sum() / lat[m].sum() - 1))
     return rows
 
 
@@ -99,6 +105,11 @@ def main() -> None:
     for b in (real_b, emu_b):
         print(f"[step-trace-compare] {b.name} ({b.mode}) at {a.rate} req/s, burstiness {a.burstiness} ...", flush=True)
         runs[b.mode] = run_traced(b, out, a)
+    print("\n" + "\n".join(format_figures({"real": engine_figures(runs["real"][1]),
+                                             "emulated": engine_figures(runs["emulate"][1])})))
+    print("\nmean TPOT by output length (ms): real / emulated")
+    for (lab, n, r), (_, _, e) in zip(tpot_by_length(runs["real"][0]), tpot_by_length(runs["emulate"][0])):
+        print(f"  {lab:16} {n:4d} requests  {r:8.1f} {e:8.1f}  {100 * (e / r - 1):+6.1f}%")
     oracle = build_oracle(Profile.load(resolve_profile(emu_b.profile)), emu_b.oracle)
     print(f"\n{'':24} {'real':>10} {'emulated':>10} {'err %':>8}")
     for k in ("mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "output_throughput"):
@@ -111,6 +122,8 @@ def main() -> None:
     for name, n, err in oracle_error(runs["real"][1], oracle):
         print(f"  {name:24} {n:6d} steps  {100 * err:+6.1f}%")
     (out / "summary.json").write_text(json.dumps({"real": tr, "emulated": te}, indent=1))
+    for mode, (_, cols) in runs.items():
+        np.savez_compressed(out / f"{mode}-steps.npz", **cols)
 
 
 if __name__ == "__main__":

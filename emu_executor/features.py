@@ -33,12 +33,8 @@ class ScheduledRequest:
 
 
 class RequestTable:
-    """Tracks prompt lengths (and any per-request state) across steps.
-
-    ``state`` maps req_id -> an arbitrary object the owner attaches at first
-    sight (``on_new``); rows are dropped when vLLM lists the id in
-    ``finished_req_ids``.
-    """
+    """Tracks prompt lengths across steps (rows are dropped when vLLM lists
+    the id in ``finished_req_ids``)."""
 
     def __init__(self) -> None:
         self.prompt_len: dict[str, int] = {}
@@ -89,3 +85,53 @@ def step_features(reqs: list[ScheduledRequest]) -> StepFeatures:
             prefill_tokens += n
     return StepFeatures(num_tokens, len(reqs), prefill_tokens, decode_reqs, prefill_reqs,
                         context, int(attn))
+
+
+@dataclass(slots=True)
+class EngineStep:
+    """What the scheduler did in one step, beyond the oracle's features. Counts are
+    requests, token counts tokens.
+
+    ``preempted_reqs``: requests vLLM preempted while scheduling this step
+    (``SchedulerOutput.preempted_req_ids``); ``resumed_reqs``: preempted requests
+    scheduled again (``scheduled_cached_reqs.resumed_req_ids``);
+    ``recomputed_tokens``: scheduled tokens whose KV the request had already
+    computed before a preemption threw it away (below its high-water mark);
+    ``cached_tokens``: tokens a request skipped on (re)admission because the
+    prefix cache held them.
+    """
+
+    preempted_reqs: int
+    resumed_reqs: int
+    recomputed_tokens: int
+    cached_tokens: int
+
+
+class RecomputeTracker:
+    """Per-request high-water mark of computed tokens, to count recomputation after preemption.
+
+    vLLM's V1 scheduler preempts by freeing a request's KV blocks and setting
+    ``num_computed_tokens = 0`` (``vllm/v1/core/sched/scheduler.py``,
+    ``_preempt_request``); when it is resumed, the tokens it computes again
+    (less any prefix-cache hit) are recomputation.
+    """
+
+    def __init__(self) -> None:
+        self._high: dict[str, int] = {}
+
+    def update(self, so, reqs: list[ScheduledRequest]) -> EngineStep:
+        """Account one ``SchedulerOutput`` whose requests ``reqs`` came from :meth:`RequestTable.update`."""
+        for rid in so.finished_req_ids:
+            self._high.pop(rid, None)
+        resumed = so.scheduled_cached_reqs.resumed_req_ids
+        new_ids = {nr.req_id for nr in so.scheduled_new_reqs}
+        recomputed = cached = 0
+        for r in reqs:
+            hi = self._high.get(r.req_id, 0)
+            end = r.num_computed + r.num_scheduled
+            recomputed += max(0, min(end, hi) - r.num_computed)
+            if r.req_id in new_ids or r.req_id in resumed:
+                cached += r.num_computed
+            if end > hi:
+                self._high[r.req_id] = end
+        return EngineStep(len(so.preempted_req_ids or ()), len(resumed), recomputed, cached)

@@ -40,15 +40,20 @@ from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
 from emu_executor.executor import EmulatedExecutor
-from emu_executor.features import RequestTable, step_features
+from emu_executor.features import EngineStep, RecomputeTracker, RequestTable, step_features
 from emu_executor.fingerprint import engine_fingerprint
 from profiles.format import STEP_COLUMNS
+from profiles.hostinfo import host_cpu
 
 logger = logging.getLogger("vllm.emugate.profiling")
 
 FLUSH_EVERY = 256
 FLUSH_S = 2.0  # the flusher thread's period (seconds)
 _STEP_FIELDS = [c[0] for c in STEP_COLUMNS if c[0] not in ("latency_us", "host_gap_us")]
+#: Engine columns recorded beside the profile's (not part of a profile): what the scheduler did
+#: (:class:`emu_executor.features.EngineStep`) and when the step was submitted, in us since the
+#: recorder started; read by :func:`profiles.build.read_trace_columns` for engine timelines.
+ENGINE_FIELDS = ["t_submit_us", *EngineStep.__slots__]
 #: A gap longer than this (s) between steps is idleness (no work), not host overhead.
 MAX_HOST_GAP_S = 0.25
 
@@ -61,6 +66,8 @@ class _StepRecorder:
         if not self._trace_path:
             raise RuntimeError("ProfilingExecutor needs EMUGATE_TRACE=<trace file to append to>")
         self._requests = RequestTable()
+        self._recompute = RecomputeTracker()
+        self._t0 = time.perf_counter()
         self._inflight: deque = deque()
         self._last_done = 0.0
         self._lock = threading.Lock()  # guards the row buffers
@@ -91,7 +98,7 @@ class _StepRecorder:
         with self._io_lock:
             if rows:
                 cols = list(zip(*rows))
-                self._write({"type": "steps", "columns": _STEP_FIELDS + ["latency_us", "host_gap_us"],
+                self._write({"type": "steps", "columns": _STEP_FIELDS + ENGINE_FIELDS + ["latency_us", "host_gap_us"],
                              "rows": [list(c) for c in cols]})
             if lens:
                 self._write({"type": "output_lengths", "values": lens})
@@ -111,6 +118,7 @@ class _StepRecorder:
             "num_kv_blocks": self.vllm_config.cache_config.num_gpu_blocks,
             "attention_backend": str(backend) if backend else "auto",
             "cudagraph_mode": str(getattr(self.vllm_config.compilation_config, "cudagraph_mode", None)),
+            "host_cpu": host_cpu(),
             "executor": next(c.__name__ for c in type(self).__mro__
                              if c.__name__ in ("UniProcExecutor", "MultiprocExecutor", "EmulatedExecutor")),
         })
@@ -124,9 +132,12 @@ class _StepRecorder:
                 with self._lock:
                     self._out_lens.append(n)
         reqs = self._requests.update(so)
+        eng = self._recompute.update(so, reqs)
         if so.total_num_scheduled_tokens:
             f = step_features(reqs)
-            self._inflight.append(([getattr(f, k) for k in _STEP_FIELDS], time.perf_counter()))
+            t = time.perf_counter()
+            self._inflight.append(([getattr(f, k) for k in _STEP_FIELDS] + [int((t - self._t0) * 1e6)]
+                                   + [getattr(eng, k) for k in EngineStep.__slots__], t))
 
     def _on_done(self, output) -> None:
         t_done = time.perf_counter()

@@ -16,7 +16,10 @@ has two phases, both over the completions API with ``ignore_eos``:
    (validation uses other seeds, so no request is both captured and
    validated): the mixed prefill/decode steps of real serving, under the
    API server's and the client's real per-token load, from light load to
-   beyond saturation.
+   beyond saturation. The default rates (0.4, 1.1, 2.0 req/s) are chosen so
+   that the README's validation rates (0.5-1.5 req/s) lie between and beyond
+   them, never on them: a fidelity figure counts only at rates the profile
+   was not built from (issue 14).
 
 Why the load client matters (measured, issue 5): on a small CPU host the
 forward pass shares cores with the API server and the load client, so a
@@ -54,7 +57,7 @@ import numpy as np
 
 from gateway.config import BackendConfig
 from gateway.launch import resolve_model, started_backend, wait_healthy
-from profiles.build import build_profile, read_trace
+from profiles.build import build_profile, read_trace_columns
 from profiles.format import Profile
 
 
@@ -71,10 +74,10 @@ def with_trace(backend: BackendConfig, trace: Path) -> BackendConfig:
 
 
 def steps_since(trace: Path, n0: int = 0) -> dict[str, np.ndarray]:
-    """Step columns of a live server's ``trace`` after its first ``n0`` steps, read once the
-    recorder has flushed (waits ``TRACE_FLUSH_WAIT_S``)."""
+    """Step columns (int64; the profile's and the engine columns) of a live server's ``trace``
+    after its first ``n0`` steps, read once the recorder has flushed (waits ``TRACE_FLUSH_WAIT_S``)."""
     time.sleep(TRACE_FLUSH_WAIT_S)
-    return {k: v[n0:] for k, v in read_trace(trace)[1].items()}
+    return {k: v[n0:] for k, v in read_trace_columns(trace)[1].items()}
 
 
 @dataclass
@@ -87,7 +90,7 @@ class SweepPlan:
     grid_output: int = 24
     repeats: int = 1
     workload_requests: int = 100
-    workload_rates: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
+    workload_rates: list[float] = field(default_factory=lambda: [0.4, 1.1, 2.0])
     capture_seed: int = 1000
     warmup_requests: int = 60
     warmup_rate: float = 2.0

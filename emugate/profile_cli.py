@@ -140,8 +140,9 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="passes over the grid")
     p.add_argument("--workload-requests", type=int, default=100,
                    help="ShareGPT requests per workload rate, driven by the Locust workload (0: none)")
-    p.add_argument("--workload-rates", default="0.5,1,1.5",
-                   help="Poisson request rates (req/s) of the workload phase, light load to beyond saturation")
+    p.add_argument("--workload-rates", default="0.4,1.1,2.0",
+                   help="Poisson request rates (req/s) of the workload phase, light load to beyond saturation; "
+                        "validate at other rates (validate warns about shared ones)")
     p.add_argument("--seed", type=int, default=1000, help="capture seed (validation must use others)")
     p.add_argument("--warmup-requests", type=int, default=60,
                    help="Locust requests (2 req/s, seed SEED+500) that warm the server up before recording")

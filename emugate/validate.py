@@ -17,13 +17,28 @@ settings (both from one gateway config):
    start's own speed is part of the real system's spread (measured with
    ``benchmarks/restart_noise.py``: up to 5% between warm starts for small
    decode batches, on top of run-to-run noise);
-4. write ``validate.csv``, ``validate.md`` and ``validate.png``: per rate,
+4. every server records a step trace (``capture_trace``: the
+   ProfilingExecutor on the real ones, the EmulatedProfilingExecutor on the
+   emulated one), and each run's window of it gives the engine-side figures
+   (:mod:`emugate.engine_trace`: steps, mean batch, preemptions, recomputed
+   and prefix-cached tokens), stored in the run's JSON under ``"engine"``;
+5. write ``validate.csv``, ``validate.md`` and ``validate.png``: per rate,
    the % error of emulated vs real (the mean of the two real runs) for mean,
    p50 and p99 TTFT, TPOT, ITL, E2EL and output throughput, with the real
-   runs' own difference beside each (``--report-only`` rebuilds them).
+   runs' own difference beside each, and the engine figures of all three
+   runs (``--report-only`` rebuilds them).
 
-The capture seed (1000) and the validation seed (default 7) differ, so no
-request is both in the profile and in the validation.
+No request, seed or rate is both in the profile and in the validation: the
+capture uses seeds 1000-1002 and workload rates 0.4/1.1/2.0 req/s, the
+validation seed 7 and, in the README's sweep, rates between and beyond those
+(a rate the profile's capture ran at is reported with a warning).
+
+Same hardware (issue 14): on a CPU host the real backend's device *is* the
+host CPU, and CPUs that vLLM all calls ``cpu`` differ by up to 2.7x per
+prefill token (:mod:`profiles.hostinfo`). A profile recorded on another CPU
+(or one whose fingerprint does not name its CPU) is not compared with this
+host's real backend: validate captures a profile here first, as when none
+exists.
 """
 from __future__ import annotations
 
@@ -33,6 +48,7 @@ import json
 import time
 from pathlib import Path
 
+from emugate.engine_trace import ENGINE_KEYS, engine_figures
 from loadtests.runner import run_locust
 
 METRIC_KEYS = [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")]
@@ -105,6 +121,7 @@ def write_reports(rows: list[dict], out: Path) -> None:
     for r in rows:
         cells = [f"{r['cmp'][c][0]:+.1f} ({r['cmp'][c][1]:+.1f})" for c in cols]
         lines.append(f"| {r['rate']} | {r['burst']} | " + " | ".join(cells) + " |")
+    lines += engine_lines(rows)
     (out / "validate.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
@@ -126,6 +143,55 @@ def write_reports(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+#: Engine figures shown per point in validate.md (the JSONs hold all of ``ENGINE_KEYS``).
+ENGINE_SHOWN = ("steps", "mean_batch", "preemptions", "recomputed_tokens", "cached_tokens", "busy_s")
+
+
+def engine_lines(rows: list[dict]) -> list[str]:
+    """Markdown table of the engine figures per point: real / emulated / real2 in each cell."""
+    have = [r for r in rows if all("engine" in r[n] for n in ("real", "emu", "real2"))]
+    if not have:
+        return []
+    label = {k: lab for k, lab, _ in ENGINE_KEYS}
+    lines = ["", "Engine side, from each server's step trace (real / emulated / real again):", "",
+             "| rate (req/s) | burstiness | " + " | ".join(label[k] for k in ENGINE_SHOWN) + " |",
+             "|---|---|" + "---:|" * len(ENGINE_SHOWN)]
+    for r in have:
+        cells = []
+        for k in ENGINE_SHOWN:
+            vals = [r[n]["engine"][k] for n in ("real", "emu", "real2")]
+            fmt = "{:.1f}" if k in ("mean_batch", "busy_s") else "{:.0f}"
+            cells.append(" / ".join(fmt.format(v) for v in vals))
+        lines.append(f"| {r['rate']} | {r['burst']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_problem(profile_fp: dict, here: dict) -> str | None:
+    """Why a profile cannot be compared with this host's real backend, or None.
+
+    ``profile_fp``: the profile's fingerprint; ``here``: :func:`profiles.hostinfo.host_cpu`.
+    Only CPU profiles are checked (a GPU profile's device is named by ``device_name``).
+    """
+    from profiles.hostinfo import same_cpu
+    if profile_fp.get("device_type") != "cpu":
+        return None
+    theirs = profile_fp.get("host_cpu")
+    if theirs is None:
+        return "its fingerprint does not name the CPU it was recorded on"
+    if not same_cpu(theirs, here):
+        return (f"it was recorded on {theirs.get('model_name')} x{theirs.get('logical_cpus')} "
+                f"({', '.join(theirs.get('isa', []))}), this host is {here['model_name']} "
+                f"x{here['logical_cpus']} ({', '.join(here['isa'])})")
+    return None
+
+
+def shared_rates(profile_meta: dict, rates: list[float]) -> list[float]:
+    """Validation rates (req/s) the profile's capture workload also ran at."""
+    plan = (profile_meta.get("capture") or {}).get("plan") or {}
+    cap = {round(float(x), 6) for x in plan.get("workload_rates", [])}
+    return sorted({r for r in rates if round(r, 6) in cap})
+
+
 def rows_from_dir(out: Path) -> list[dict]:
     """Rows (rate, burstiness, runs, comparison) from r{rate}-b{burst}-{real,real2,emu}.json files."""
     rows = []
@@ -135,6 +201,21 @@ def rows_from_dir(out: Path) -> list[dict]:
         res = {n: json.loads((out / f"{tag}-{n}.json").read_text()) for n in ("real", "real2", "emu")}
         rows.append({"rate": rate, "burst": burst, **res, "cmp": compare_runs(res["real"], res["real2"], res["emu"])})
     return sorted(rows, key=lambda r: (-r["burst"], r["rate"]))
+
+
+def traced_run(url: str, backend, trace: Path, out_json: Path, **load) -> dict:
+    """One Locust run (``loadtests.runner.run_locust`` keyword arguments) against a traced server;
+    the result JSON gains ``"engine"``: :func:`emugate.engine_trace.engine_figures` of the run's steps
+    (the steps recorded between the run's start and end) and ``"trace_window"``: [trace path,
+    first step, end step], and is rewritten with them."""
+    from emugate.capture import steps_since
+    n0 = len(steps_since(trace)["latency_us"])
+    res = run_locust(url, backend.model_name, out_json, **load)
+    cols = steps_since(trace, n0)
+    res["engine"] = engine_figures(cols)
+    res["trace_window"] = [str(trace), n0, n0 + len(cols["latency_us"])]
+    out_json.write_text(json.dumps(res))
+    return res
 
 
 def main_validate(args) -> int:
@@ -147,6 +228,7 @@ def main_validate(args) -> int:
         print((out / "validate.md").read_text())
         return 0
     from gateway.config import load_config
+    from emugate.capture import with_trace
     from gateway.launch import resolve_model, started_backend, wait_healthy
     from profiles.assets import resolve_profile
     cfg = load_config(args.config)
@@ -156,19 +238,35 @@ def main_validate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     profile = args.profile or emu_b.profile
+    from profiles.format import Profile
+    from profiles.hostinfo import host_cpu
+    here = host_cpu()
+    why = None
     try:
         profile = str(resolve_profile(profile))
+        why = profile_problem(Profile.load(profile).fingerprint, here)
     except FileNotFoundError:
+        why = "it does not exist"
+    if why:
         from emugate.capture import SweepPlan, capture
-        print(f"[validate] no profile {profile!r}: capturing one from {real_b.name} (seed 1000)")
+        print(f"[validate] not comparing with profile {profile!r}: {why}. Capturing one from {real_b.name} "
+              f"on this host (seeds 1000-1002, workload rates {SweepPlan().workload_rates} req/s)")
         profile = str(out / "captured.emuprof.zst")
         capture(real_b, profile, SweepPlan(), log_file=out / "capture.log")
     emu_b = emu_b.model_copy(update={"profile": profile, **({"oracle": args.oracle} if args.oracle else {})})
     rates = [float(x) for x in args.rates.split(",")]
     bursts = [float(x) for x in args.burstiness.split(",")]
+    points = ([(float(b_), float(r_)) for r_, b_ in (x.split(":") for x in args.points.split(","))]
+              if args.points else [(b_, r_) for b_ in bursts for r_ in rates])
+    shared = shared_rates(Profile.load(profile).meta, [r_ for _, r_ in points])
+    if shared:
+        print(f"[validate] warning: the profile's capture workload also ran at {shared} req/s; figures at those "
+              "rates are not out-of-sample (capture with other --workload-rates)")
     tokenizer = resolve_model(real_b.model)
     rows = []
     runs = {"real": real_b, "emu": emu_b, "real2": real_b}  # run name -> backend, in the order they run
+    traces = {name: out / "traces" / f"{name}.trace.jsonl" for name in runs}
+    runs = {name: with_trace(b, traces[name]) for name, b in runs.items()}
     with contextlib.ExitStack() as stack:
         # all three servers boot at once (an idle real vLLM-CPU server takes ~1% CPU);
         # each is stopped when the sweep ends or fails
@@ -180,12 +278,10 @@ def main_validate(args) -> int:
             wait_healthy(url, proc)
             print(f"[validate] {name}: {b.name} ({b.mode}) healthy; warming up")
             warm_up(url, b.model_name, tokenizer, out / f"warmup-{name}.json", args.warmup_prompts, args.seed + 500)
-        points = ([(float(b_), float(r_)) for r_, b_ in (x.split(":") for x in args.points.split(","))]
-                  if args.points else [(b_, r_) for b_ in bursts for r_ in rates])
         total = len(points)
         for i, (burst, rate) in enumerate(points):
             tag = f"r{rate}-b{burst}"
-            res = {name: run_locust(servers[name][0], b.model_name, out / f"{tag}-{name}.json", rate=rate,
+            res = {name: traced_run(servers[name][0], b, traces[name], out / f"{tag}-{name}.json", rate=rate,
                                     burstiness=burst, num_prompts=args.num_prompts, seed=args.seed,
                                     tokenizer=tokenizer)
                    for name, b in runs.items()}
@@ -195,7 +291,10 @@ def main_validate(args) -> int:
             print(f"[validate] {i + 1}/{total} rate {rate} burstiness {burst}: "
                   + ", ".join(f"{k.replace('_ms', '')} {c[k][0]:+.1f}% (noise {c[k][1]:+.1f}%)"
                               for k in ("mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms",
-                                        "output_throughput")))
+                                        "output_throughput"))
+                  + "; preemptions " + " / ".join(f"{res[n]['engine']['preemptions']:.0f}" for n in runs)
+                  + ", recomputed tokens " + " / ".join(f"{res[n]['engine']['recomputed_tokens']:.0f}"
+                                                        for n in runs), flush=True)
             write_reports(rows, out)
     print((out / "validate.md").read_text())
     print(f"[validate] wrote {out}/validate.csv, validate.md, validate.png in {(time.time() - t_start) / 60:.1f} min")

@@ -17,14 +17,17 @@ import numpy as np
 from profiles.format import STEP_COLUMNS, Profile, ProfileError
 
 
-def read_trace(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
-    """(fingerprint, step columns, output lengths) of a trace file.
+def read_trace_columns(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, np.ndarray], np.ndarray]:
+    """(fingerprint or None, every step column the trace holds, output lengths).
 
+    Besides the profile's ``STEP_COLUMNS`` a trace may carry engine columns
+    (``emu_executor.profiling.ENGINE_FIELDS``: submit time, preemptions,
+    recomputed tokens...); a column missing from some chunks (an older
+    recorder) is zero-filled there. Integer columns come back as int64.
     Lines that do not parse (a server killed mid-write) are skipped.
-    Raises ProfileError if the trace has no fingerprint or no steps.
     """
     fp: dict[str, Any] | None = None
-    cols: dict[str, list] = {c[0]: [] for c in STEP_COLUMNS}
+    chunks: list[tuple[list[str], list[list[int]]]] = []
     out_lens: list[int] = []
     for line in Path(path).read_text().splitlines():
         try:
@@ -35,19 +38,34 @@ def read_trace(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
         if t == "fingerprint":
             fp = rec["fingerprint"]
         elif t == "steps":
-            for name, values in zip(rec["columns"], rec["rows"]):
-                if name in cols:
-                    cols[name].extend(values)
+            chunks.append((rec["columns"], rec["rows"]))
         elif t == "output_lengths":
             out_lens.extend(rec["values"])
+    names = list(dict.fromkeys(n for c, _ in chunks for n in c))
+    cols: dict[str, list] = {n: [] for n in names}
+    for cnames, rows in chunks:
+        n = len(rows[0]) if rows else 0
+        have = dict(zip(cnames, rows))
+        for name in names:
+            cols[name].extend(have.get(name, [0] * n))
+    return fp, {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}, np.asarray(out_lens, dtype=np.uint32)
+
+
+def read_trace(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+    """(fingerprint, step columns, output lengths) of a trace file: the profile's ``STEP_COLUMNS``
+    in their dtypes (a column the trace lacks is zeros).
+
+    Raises ProfileError if the trace has no fingerprint or no steps.
+    """
+    fp, cols, out_lens = read_trace_columns(path)
     if fp is None:
         raise ProfileError(f"{path}: trace has no fingerprint record (did the server finish starting?)")
-    if not cols["latency_us"]:
+    if not len(cols.get("latency_us", ())):
         raise ProfileError(f"{path}: trace has no steps")
     n = len(cols["latency_us"])
-    arrays = {name: np.asarray(cols[name] if len(cols[name]) == n else [0] * n, dtype=dtype)
+    arrays = {name: (cols[name] if name in cols else np.zeros(n, np.int64)).astype(dtype)
               for name, dtype, _ in STEP_COLUMNS}
-    return fp, arrays, np.asarray(out_lens, dtype=np.uint32)
+    return fp, arrays, out_lens
 
 
 def build_profile(traces: list[str | Path], warmup_steps: int = 50, meta: dict | None = None,
