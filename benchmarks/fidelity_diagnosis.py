@@ -5,7 +5,9 @@ For each (rate, burstiness) of ``emugate profile validate --out DIR``:
 * mean TPOT per output-length bucket: real, emulated, real again (ms);
 * the oracle's error on the real runs' own steps (mean of 30 draws vs the
   measured service time), per decode batch bucket, prefill-containing steps
-  and steps that recomputed KV after a preemption: "the profile's step
+  and steps that recomputed KV after a preemption, and the share of those
+  steps whose grid cell the profile populated (the rest are extrapolated
+  from neighbouring cells): "the profile's step
   times are off" shows here, "the emulated scheduler decided otherwise"
   shows in the engine figures (validate.md) instead;
 
@@ -33,7 +35,7 @@ from emugate.engine_trace import tpot_by_length
 from emugate.validate import rows_from_dir
 from profiles.build import read_trace_columns
 from profiles.format import Profile
-from profiles.oracle import build_oracle
+from profiles.oracle import build_oracle, profile_features
 from step_trace_compare import oracle_error
 
 
@@ -114,7 +116,9 @@ def main() -> None:
             if cols is None or not len(cols["latency_us"]):
                 continue
             errs = ", ".join(f"{lab} {100 * e:+.1f}% ({n})" for lab, n, e in oracle_error(cols, oracle))
-            print(f"  oracle on {name}'s steps: {errs}")
+            feats = profile_features(Profile({}, dict(cols), np.zeros(0, np.uint32), {}))
+            covered = np.mean([oracle.covers(f) for f in feats]) * 100
+            print(f"  oracle on {name}'s steps: {errs}; {covered:.1f}% of the steps in a populated cell")
         ps = paired_spread(r)
         print("  paired real-vs-real standard error of the mean / prompts for agreement within the target (95%): "
               + ", ".join(f"{k} {se:.1f}% / {n95:.0f} ({TARGETS[k]:.0f}%)" for k, (se, n95) in ps.items()))

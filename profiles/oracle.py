@@ -122,6 +122,13 @@ class LatencyOracle:
     def sample_gap_us(self, f: StepFeatures) -> float:
         return self._gaps.sample(f) if self._gaps is not None else 0.0
 
+    def covers(self, f: StepFeatures) -> bool:
+        """Whether the profile recorded enough steps in ``f``'s own grid cell (else the
+        answer is pooled from neighbouring cells: an extrapolation). False for oracles
+        without cells."""
+        cells = getattr(self, "_cells", None)
+        return cells is not None and _key(f, getattr(self, "_split", False)) in cells.cells
+
     def sample_us(self, f: StepFeatures) -> float:  # pragma: no cover - interface
         raise NotImplementedError
 

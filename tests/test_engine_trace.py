@@ -154,3 +154,17 @@ def test_trace_counts_vllms_preemptions_and_the_recomputation_they_cause(tmp_pat
     assert f["recomputed_tokens"] <= preempted * (max(prompt_tokens) + 250)
     assert all(len(v) == len(cols["latency_us"]) for v in cols.values())
     assert Path(trace).stat().st_size > 0
+
+
+def test_oracle_says_which_steps_its_profile_covered():
+    from profiles.assets import resolve_profile
+    from profiles.format import Profile
+    from profiles.oracle import ConstantOracle, FeatureOracle, StepFeatures, profile_features
+    prof = Profile.load(resolve_profile("cpu-xeon-amx-2c_mistral-h1024-l8"))
+    oracle = FeatureOracle(prof)
+    feats = profile_features(prof)
+    assert np.mean([oracle.covers(f) for f in feats]) > 0.9  # nearly every recorded step sits in a populated cell
+    far = StepFeatures(num_tokens=60000, num_reqs=900, prefill_tokens=59000, decode_reqs=0, prefill_reqs=900,
+                       context_tokens=0, attn_work=10**10)
+    assert not oracle.covers(far) and oracle.predict_us(far) > 0
+    assert not ConstantOracle(1000.0).covers(feats[0])
