@@ -2,7 +2,7 @@
 
 The unit tests pin the arithmetic (trace reading, figures, host CPU
 records, validate's same-hardware and disjoint-rate checks). The e2e test
-drives a real vLLM engine (emulated forward pass, a KV pool of 8 blocks)
+drives a real vLLM engine (emulated forward pass, a 1024-token KV pool)
 into preemption and checks that the trace counts what vLLM's own
 ``vllm:num_preemptions_total`` counts.
 """
@@ -120,13 +120,13 @@ def _preemptions_total(url: str) -> float:
 
 @pytest.mark.e2e
 def test_trace_counts_vllms_preemptions_and_the_recomputation_they_cause(tmp_path):
-    """Six 250+250-token requests on an 8-block (1024-token) KV pool: vLLM must preempt. The trace's
+    """Six 250+250-token requests on a 1024-token KV pool (64 blocks of 16 and vLLM's null block): vLLM must preempt. The trace's
     per-step preemptions equal vLLM's own counter, every preempted request resumes, and the resumed
     requests recompute KV they had computed before (but never more than they had)."""
     trace = tmp_path / "emu.trace.jsonl"
     env = {"EMUGATE_STEP_MS": "3", "EMUGATE_TRACE": str(trace)}
     args = ["--distributed-executor-backend", "emu_executor.EmulatedProfilingExecutor", "--max-model-len", "1024",
-            "--num-gpu-blocks-override", "8", "--dtype", "bfloat16"]
+            "--block-size", "16", "--num-gpu-blocks-override", "65", "--dtype", "bfloat16"]
     with vllm_server("engine-trace", args, env=env, emulate=False) as (url, _, _):
         before = _preemptions_total(url)
         rng = random.Random(3)
@@ -140,7 +140,7 @@ def test_trace_counts_vllms_preemptions_and_the_recomputation_they_cause(tmp_pat
         with ThreadPoolExecutor(6) as ex:
             prompt_tokens = list(ex.map(one, range(6)))
         preempted = _preemptions_total(url) - before
-        assert preempted > 0, "the 8-block pool should have forced preemptions"
+        assert preempted > 0, "the 1024-token pool should have forced preemptions"
 
         def flushed():
             cols = read_trace_columns(trace)[1] if trace.exists() else {}
