@@ -120,9 +120,10 @@ def _preemptions_total(url: str) -> float:
 
 @pytest.mark.e2e
 def test_trace_counts_vllms_preemptions_and_the_recomputation_they_cause(tmp_path):
-    """Six 250+250-token requests on a 1024-token KV pool (64 blocks of 16 and vLLM's null block): vLLM must preempt. The trace's
-    per-step preemptions equal vLLM's own counter, every preempted request resumes, and the resumed
-    requests recompute KV they had computed before (but never more than they had)."""
+    """Six 250+250-token requests on a 1024-token KV pool (64 blocks of 16, plus vLLM's null block):
+    vLLM must preempt. The trace's per-step preemptions equal vLLM's own counter, every preempted
+    request resumes, and the resumed requests recompute KV they had computed before (but never more
+    than they had)."""
     trace = tmp_path / "emu.trace.jsonl"
     env = {"EMUGATE_STEP_MS": "3", "EMUGATE_TRACE": str(trace)}
     args = ["--distributed-executor-backend", "emu_executor.EmulatedProfilingExecutor", "--max-model-len", "1024",
