@@ -65,3 +65,12 @@ def start_gateway(name: str, config_toml: str, args: tuple[str, ...] = ()) -> tu
 def pct(values, p):
     import numpy as np
     return float(np.percentile(values, p)) if len(values) else float("nan")
+
+
+def fidelity_pair(config: str | Path, out: str | Path) -> tuple:
+    """(real backend, emulated backend) of a fidelity config (the first of each mode); creates ``out``."""
+    from gateway.config import load_config
+    Path(out).mkdir(parents=True, exist_ok=True)
+    cfg = load_config(config)
+    return (next(b for b in cfg.backends if b.mode == "real"),
+            next(b for b in cfg.backends if b.mode == "emulate"))

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT
+from _common import ROOT, fidelity_pair
 
-from gateway.config import load_config
 from gateway.launch import resolve_model, started_backend, wait_healthy
 from loadtests.runner import run_locust
 from emugate.capture import steps_since, with_trace
@@ -97,10 +96,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "step-trace-compare"))
     a = ap.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(a.config)
-    real_b = next(b for b in cfg.backends if b.mode == "real")
-    emu_b = next(b for b in cfg.backends if b.mode == "emulate")
+    real_b, emu_b = fidelity_pair(a.config, out)
     runs = {}
     for b in (real_b, emu_b):
         print(f"[step-trace-compare] {b.name} ({b.mode}) at {a.rate} req/s, burstiness {a.burstiness} ...", flush=True)
