@@ -31,7 +31,7 @@ import numpy as np
 
 from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
-from emugate.engine_trace import tpot_by_length
+from emugate.engine_trace import request_tpots_ms, tpot_by_length
 from emugate.validate import rows_from_dir
 from profiles.build import read_trace_columns
 from profiles.format import Profile
@@ -54,7 +54,8 @@ def prefix_metrics(res: dict, n: int) -> dict[str, float]:
     """Mean TTFT, TPOT, ITL and E2EL (ms) over the first ``n`` requests by start time."""
     order = np.argsort(res["start_times"])[:n]
     ttft = [res["ttfts"][i] for i in order if res["output_lens"][i] > 0]
-    tpot = [sum(res["itls"][i]) / len(res["itls"][i]) for i in order if len(res["itls"][i]) > 0]
+    tpot = request_tpots_ms(res)[order] / 1e3
+    tpot = tpot[~np.isnan(tpot)]
     itl = [x for i in order for x in res["itls"][i]]
     e2el = [res["latencies"][i] for i in order if res["output_lens"][i] > 0]
     return {k: 1e3 * float(np.mean(v)) for k, v in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el))}
@@ -63,10 +64,9 @@ def prefix_metrics(res: dict, n: int) -> dict[str, float]:
 def per_request(res: dict) -> dict[str, np.ndarray]:
     """Per-request TTFT, TPOT and E2EL (ms), NaN where a request has no value; in plan order."""
     ok = np.array([n > 0 for n in res["output_lens"]])
-    tpot = [sum(x) / len(x) if x else np.nan for x in res["itls"]]
-    out = {"ttft": np.array(res["ttfts"], float), "tpot": np.array(tpot, float),
-           "e2el": np.array(res["latencies"], float)}
-    return {k: np.where(ok, v, np.nan) * 1e3 for k, v in out.items()}
+    out = {"ttft": np.array(res["ttfts"], float) * 1e3, "tpot": request_tpots_ms(res),
+           "e2el": np.array(res["latencies"], float) * 1e3}
+    return {k: np.where(ok, v, np.nan) for k, v in out.items()}
 
 
 #: Agreement targets (%), ours: TPOT/E2EL 3, TTFT 7 (README Fidelity).

@@ -81,15 +81,22 @@ def format_figures(runs: dict[str, dict[str, float]]) -> list[str]:
 LEN_BUCKETS = [(1, 16), (16, 64), (64, 256), (256, 1 << 20)]
 
 
-def tpot_by_length(res: dict) -> list[tuple[str, int, float]]:
-    """(output-length bucket, requests, mean TPOT ms) of a Locust result JSON's requests with an ITL.
+def request_tpots_ms(res: dict) -> np.ndarray:
+    """Per-request TPOT (ms) of a Locust result JSON, in its request order; NaN for a request
+    without inter-token gaps (failed, or one output token).
 
-    A request's TPOT is its mean inter-token latency (``vllm bench serve``:
-    (E2EL - TTFT) / (output tokens - 1)); ``res["itls"]`` holds seconds.
+    A request's TPOT is its mean inter-token latency, which is ``vllm bench serve``'s
+    (E2EL - TTFT) / (output tokens - 1) when every chunk carries one token; ``res["itls"]`` holds seconds.
     """
+    return np.array([sum(itl) / len(itl) * 1e3 if itl else np.nan for itl in res["itls"]], dtype=float)
+
+
+def tpot_by_length(res: dict) -> list[tuple[str, int, float]]:
+    """(output-length bucket, requests, mean TPOT ms) of a Locust result JSON's requests with an ITL."""
+    tpot, lens = request_tpots_ms(res), np.asarray(res["output_lens"])
     out = []
     for lo, hi in LEN_BUCKETS:
-        v = [sum(itl) / len(itl) * 1e3 for n, itl in zip(res["output_lens"], res["itls"]) if lo <= n < hi and itl]
-        if v:
-            out.append((f"{lo}-{hi - 1 if hi < 1 << 20 else ''} tokens", len(v), float(np.mean(v))))
+        v = tpot[(lens >= lo) & (lens < hi) & ~np.isnan(tpot)]
+        if len(v):
+            out.append((f"{lo}-{hi - 1 if hi < 1 << 20 else ''} tokens", len(v), float(v.mean())))
     return out

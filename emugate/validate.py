@@ -203,13 +203,13 @@ def rows_from_dir(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["burst"], r["rate"]))
 
 
-def traced_run(url: str, backend, trace: Path, out_json: Path, **load) -> dict:
-    """One Locust run (``loadtests.runner.run_locust`` keyword arguments) against a traced server;
-    the result JSON gains ``"engine"``: :func:`emugate.engine_trace.engine_figures` of the run's steps
-    (the steps recorded between the run's start and end) and ``"trace_window"``: [trace path,
-    first step, end step], and is rewritten with them."""
+def traced_run(url: str, backend, trace: Path, n0: int, out_json: Path, **load) -> dict:
+    """One Locust run (``loadtests.runner.run_locust`` keyword arguments) against a traced server
+    whose trace holds ``n0`` steps before it; the result JSON gains ``"engine"``:
+    :func:`emugate.engine_trace.engine_figures` of the steps recorded after those, and
+    ``"trace_window"``: [trace path, first step, end step], and is rewritten with them.
+    The server is idle between runs, so the end step is the next run's ``n0`` (one trace read per run)."""
     from emugate.capture import steps_since
-    n0 = len(steps_since(trace)["latency_us"])
     res = run_locust(url, backend.model_name, out_json, **load)
     cols = steps_since(trace, n0)
     res["engine"] = engine_figures(cols)
@@ -228,7 +228,7 @@ def main_validate(args) -> int:
         print((out / "validate.md").read_text())
         return 0
     from gateway.config import load_config
-    from emugate.capture import with_trace
+    from emugate.capture import steps_since, with_trace
     from gateway.launch import resolve_model, started_backend, wait_healthy
     from profiles.assets import resolve_profile
     cfg = load_config(args.config)
@@ -240,11 +240,10 @@ def main_validate(args) -> int:
     profile = args.profile or emu_b.profile
     from profiles.format import Profile
     from profiles.hostinfo import host_cpu
-    here = host_cpu()
-    why = None
     try:
         profile = str(resolve_profile(profile))
-        why = profile_problem(Profile.load(profile).fingerprint, here)
+        prof = Profile.load(profile)
+        why = profile_problem(prof.fingerprint, host_cpu())
     except FileNotFoundError:
         why = "it does not exist"
     if why:
@@ -252,13 +251,13 @@ def main_validate(args) -> int:
         print(f"[validate] not comparing with profile {profile!r}: {why}. Capturing one from {real_b.name} "
               f"on this host (seeds 1000-1002, workload rates {SweepPlan().workload_rates} req/s)")
         profile = str(out / "captured.emuprof.zst")
-        capture(real_b, profile, SweepPlan(), log_file=out / "capture.log")
+        prof = capture(real_b, profile, SweepPlan(), log_file=out / "capture.log")
     emu_b = emu_b.model_copy(update={"profile": profile, **({"oracle": args.oracle} if args.oracle else {})})
     rates = [float(x) for x in args.rates.split(",")]
     bursts = [float(x) for x in args.burstiness.split(",")]
     points = ([(float(b_), float(r_)) for r_, b_ in (x.split(":") for x in args.points.split(","))]
               if args.points else [(b_, r_) for b_ in bursts for r_ in rates])
-    shared = shared_rates(Profile.load(profile).meta, [r_ for _, r_ in points])
+    shared = shared_rates(prof.meta, [r_ for _, r_ in points])
     if shared:
         print(f"[validate] warning: the profile's capture workload also ran at {shared} req/s; figures at those "
               "rates are not out-of-sample (capture with other --workload-rates)")
@@ -278,13 +277,16 @@ def main_validate(args) -> int:
             wait_healthy(url, proc)
             print(f"[validate] {name}: {b.name} ({b.mode}) healthy; warming up")
             warm_up(url, b.model_name, tokenizer, out / f"warmup-{name}.json", args.warmup_prompts, args.seed + 500)
+        seen = {name: len(steps_since(traces[name])["latency_us"]) for name in runs}  # warm-up steps
         total = len(points)
         for i, (burst, rate) in enumerate(points):
             tag = f"r{rate}-b{burst}"
-            res = {name: traced_run(servers[name][0], b, traces[name], out / f"{tag}-{name}.json", rate=rate,
-                                    burstiness=burst, num_prompts=args.num_prompts, seed=args.seed,
-                                    tokenizer=tokenizer)
-                   for name, b in runs.items()}
+            res = {}
+            for name, b in runs.items():
+                res[name] = traced_run(servers[name][0], b, traces[name], seen[name], out / f"{tag}-{name}.json",
+                                       rate=rate, burstiness=burst, num_prompts=args.num_prompts, seed=args.seed,
+                                       tokenizer=tokenizer)
+                seen[name] = res[name]["trace_window"][2]
             cmp = compare_runs(res["real"], res["real2"], res["emu"])
             rows.append({"rate": rate, "burst": burst, **res, "cmp": cmp})
             c = rows[-1]["cmp"]
