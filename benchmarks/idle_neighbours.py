@@ -3,7 +3,9 @@
 ``validate`` keeps three servers up (two starts of the real backend and the
 emulated one) and drives one at a time, while ``capture`` runs the real
 backend alone. If an idle neighbour costs the measured server CPU time on a
-2-core host, every validation step runs slower than the profile says.
+2-core host, every validation step runs slower than the profile says. (It
+does, by 1.0-3.8%; since then ``validate`` pauses the servers it is not
+driving: ``gateway.launch.ServerProcess.pause``.)
 
 One real server of ``profiles/fidelity-cpu.toml`` (ProfilingExecutor trace
 on) runs the decode probe of ``benchmarks/restart_noise.py`` (C streamed
