@@ -39,15 +39,22 @@ from profiles.oracle import build_oracle, profile_features
 from step_trace_compare import oracle_error
 
 
-def window(res: dict, cache: dict) -> dict[str, np.ndarray] | None:
-    """The step columns of one run (``res["trace_window"]``), or None for runs without one."""
+def window(res: dict, cache: dict, all_random: bool = False) -> dict[str, np.ndarray] | None:
+    """The step columns of one run (``res["trace_window"]``), or None for runs without one.
+
+    ``all_random``: the trace was recorded before the ``random_rows`` column existed (read as
+    zeros) and every request sampled at temperature > 0, as validate's Locust workload does
+    (vLLM's default temperature 1.0): every step's rows take the random path."""
     w = res.get("trace_window")
     if not w:
         return None
     path, a, b = w
     if path not in cache:
         cache[path] = read_trace_columns(path)[1]
-    return {k: v[a:b] for k, v in cache[path].items()}
+    cols = {k: v[a:b] for k, v in cache[path].items()}
+    if all_random:
+        cols["random_rows"] = cols["num_reqs"].copy()
+    return cols
 
 
 def prefix_metrics(res: dict, n: int) -> dict[str, float]:
@@ -99,6 +106,9 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="the profile the emulated runs used "
                                                     "(default: OUT/captured.emuprof.zst or the fidelity config's)")
     ap.add_argument("--prefixes", default="20,40,60,80", help="request counts for the real-vs-real agreement")
+    ap.add_argument("--traces-all-random", action="store_true",
+                    help="traces recorded before the random_rows column: count every step's requests as sampling "
+                         "randomly (true of validate's Locust workload, which samples at vLLM's default temperature)")
     a = ap.parse_args()
     out = Path(a.out)
     rows = rows_from_dir(out)
@@ -112,7 +122,7 @@ def main() -> None:
         for i, (lab, cnt, v) in enumerate(by["real"]):
             print(f"    {lab:14} {cnt:4d} req  {v:7.1f} {by['emu'][i][2]:7.1f} {by['real2'][i][2]:7.1f}")
         for name in ("real", "real2"):
-            cols = window(r[name], cache)
+            cols = window(r[name], cache, a.traces_all_random)
             if cols is None or not len(cols["latency_us"]):
                 continue
             errs = ", ".join(f"{lab} {100 * e:+.1f}% ({n})" for lab, n, e in oracle_error(cols, oracle))

@@ -39,7 +39,9 @@ def main() -> None:
     from profiles.oracle import LINEAR_FEATURES
     subsets = [("tokens+requests (2D key only)", ("num_tokens", "num_reqs")),
                ("+ prefill tokens", ("num_tokens", "num_reqs", "prefill_tokens")),
-               ("+ attention work (default)", ("num_tokens", "num_reqs", "prefill_tokens", "attn_work")),
+               ("+ attention work", ("num_tokens", "num_reqs", "prefill_tokens", "attn_work")),
+               ("+ random-sampling rows (default)", ("num_tokens", "num_reqs", "prefill_tokens", "attn_work",
+                                                     "random_rows")),
                ("+ context tokens (all)", LINEAR_FEATURES)]
     for label, feats_ in subsets:
         acc = {}

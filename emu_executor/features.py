@@ -11,7 +11,11 @@ runner ``discard_request_mask``):
   a partial chunked prefill gets no token;
 * a scheduled request is *decode* when it schedules exactly one token and its
   prompt is already computed; every other scheduled request is *prefill*
-  (first prefill, a chunk of a chunked prefill, or a recompute after preemption).
+  (first prefill, a chunk of a chunked prefill, or a recompute after preemption);
+* a request samples *randomly* when its ``SamplingParams.temperature`` is at
+  least vLLM's ``_SAMPLING_EPS`` (1e-5, ``vllm/sampling_params.py``), else
+  greedily; a step whose batch holds one random request runs the sampler's
+  random path over all its rows (``StepFeatures.random_rows``).
 """
 from __future__ import annotations
 
@@ -30,14 +34,27 @@ class ScheduledRequest:
     num_output_tokens: int  # output tokens before this step (incl. async placeholders)
     prompt_len: int
     due: bool  # this step emits an output token for it
+    random: bool = False  # samples with temperature > 0 (vLLM's random path), else greedy
+
+
+#: vLLM's ``_SAMPLING_EPS`` (``vllm/sampling_params.py``): below it a temperature is greedy.
+SAMPLING_EPS = 1e-5
+
+
+def samples_randomly(sampling_params) -> bool:
+    """Whether a request's ``SamplingParams`` take vLLM's random sampling path
+    (temperature >= ``SAMPLING_EPS``); False for None (pooling requests)."""
+    t = getattr(sampling_params, "temperature", None)
+    return t is not None and t >= SAMPLING_EPS
 
 
 class RequestTable:
-    """Tracks prompt lengths across steps (rows are dropped when vLLM lists
-    the id in ``finished_req_ids``)."""
+    """Tracks prompt lengths and sampling mode across steps (rows are dropped
+    when vLLM lists the id in ``finished_req_ids``)."""
 
     def __init__(self) -> None:
         self.prompt_len: dict[str, int] = {}
+        self.random: set[str] = set()
 
     def update(self, so) -> list[ScheduledRequest]:
         """Register new requests, forget finished ones, and list the step's requests."""
@@ -48,10 +65,13 @@ class RequestTable:
         for nr in so.scheduled_new_reqs:
             plen = nr.prompt_len
             self.prompt_len[nr.req_id] = plen
+            rnd = samples_randomly(getattr(nr, "sampling_params", None))
+            if rnd:
+                self.random.add(nr.req_id)
             n = nst.get(nr.req_id, 0)
             if n:
                 out.append(ScheduledRequest(nr.req_id, n, nr.num_computed_tokens, 0, plen,
-                                            nr.num_computed_tokens + n >= plen))
+                                            nr.num_computed_tokens + n >= plen, rnd))
         cr = so.scheduled_cached_reqs
         for i, rid in enumerate(cr.req_ids):
             n = nst.get(rid, 0)
@@ -62,11 +82,12 @@ class RequestTable:
                 plen = len(cr.all_token_ids.get(rid, ())) - cr.num_output_tokens[i]
                 self.prompt_len[rid] = plen
             comp, nout = cr.num_computed_tokens[i], cr.num_output_tokens[i]
-            out.append(ScheduledRequest(rid, n, comp, nout, plen, comp + n >= plen + nout))
+            out.append(ScheduledRequest(rid, n, comp, nout, plen, comp + n >= plen + nout, rid in self.random))
         return out
 
     def forget(self, req_id: str) -> None:
         self.prompt_len.pop(req_id, None)
+        self.random.discard(req_id)
 
 
 def step_features(reqs: list[ScheduledRequest]) -> StepFeatures:
@@ -83,8 +104,9 @@ def step_features(reqs: list[ScheduledRequest]) -> StepFeatures:
         else:
             prefill_reqs += 1
             prefill_tokens += n
+    random_rows = len(reqs) if any(r.random for r in reqs) else 0
     return StepFeatures(num_tokens, len(reqs), prefill_tokens, decode_reqs, prefill_reqs,
-                        context, int(attn))
+                        context, int(attn), random_rows)
 
 
 @dataclass(slots=True)

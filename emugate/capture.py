@@ -9,6 +9,13 @@ has two phases, both over the completions API with ``ignore_eos``:
    prefix cache never hits) are sent together and decode ``grid_output``
    tokens. This fills the (scheduled tokens x running requests) grid for
    prefill-containing and decode-only steps at several context lengths.
+   The grid runs once per temperature in ``grid_temperatures`` (0 and 1):
+   vLLM's sampler is nearly free when a whole batch is greedy and costs
+   ~1 ms per request per step on the CPU host when any request samples
+   (issue 14, ``benchmarks/sampler_cost.py``), so the profile needs both
+   kinds of step (``random_rows``) to tell the two costs apart. A grid run
+   greedy only, beside a workload sampled at temperature 1, made the
+   oracle 3-5% fast on decode steps of 8-24 requests.
 2. **workload**: the project's own Locust ShareGPT workload
    (:func:`loadtests.runner.run_locust`, a separate process, streaming, as
    users drive the server) at each rate of ``workload_rates`` (Poisson),
@@ -88,6 +95,7 @@ class SweepPlan:
     prompt_lens: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
     token_budget: int = 16384
     grid_output: int = 24
+    grid_temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
     repeats: int = 1
     workload_requests: int = 100
     workload_rates: list[float] = field(default_factory=lambda: [0.4, 1.1, 2.0])
@@ -100,11 +108,12 @@ class SweepPlan:
                 if c * n <= self.token_budget]
 
 
-async def _post(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> None:
+async def _post(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+                temperature: float = 0.0) -> None:
     """One completion, streamed like real clients: the API server's per-token SSE work shares the
     host with the engine, and on a small CPU host that shows in the step times."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
-            "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": temperature, "stream": True}
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for _ in r.aiter_raw():
@@ -117,14 +126,15 @@ WARMUP_BURSTS = [(4, 512, 48), (1, 64, 48), (8, 128, 48), (2, 1024, 48)]
 
 
 async def send_bursts(base_url: str, model: str, cells: list[tuple[int, int, int]], rng: random.Random,
-                  vocab_lo: int = 1000, vocab_hi: int = 100000, on_cell=None) -> None:
+                  vocab_lo: int = 1000, vocab_hi: int = 100000, on_cell=None, temperature: float = 0.0) -> None:
     """For each (C, L, N) in ``cells``: C streamed requests of L random token ids (unique, so the
-    prefix cache never hits) sent together, each decoding N tokens; ``on_cell(C, L)`` after each."""
+    prefix cache never hits) sent together, each decoding N tokens at ``temperature`` (0: greedy);
+    ``on_cell(C, L)`` after each."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as client:
         for c, plen, n in cells:
             prompts = [[rng.randrange(vocab_lo, vocab_hi) for _ in range(plen)] for _ in range(c)]
-            await asyncio.gather(*(_post(client, model, p, n) for p in prompts))
+            await asyncio.gather(*(_post(client, model, p, n, temperature) for p in prompts))
             if on_cell:
                 on_cell(c, plen)
 
@@ -132,13 +142,15 @@ async def send_bursts(base_url: str, model: str, cells: list[tuple[int, int, int
 async def run_grid(base_url: str, model: str, plan: SweepPlan, progress=None) -> None:
     """The grid phase (module docstring) against ``base_url``, streamed; ``progress``: a rich Progress."""
     grid = plan.grid()
-    task = progress.add_task("capture grid", total=len(grid)) if progress else None
-
-    def on_cell(c: int, plen: int) -> None:
-        if progress:
-            progress.update(task, advance=1, description=f"grid C={c} L={plen}")
+    temps = plan.grid_temperatures or [0.0]
+    task = progress.add_task("capture grid", total=len(grid) * len(temps)) if progress else None
     cells = [(c, plen, plan.grid_output) for c, plen in grid]
-    await send_bursts(base_url, model, cells, random.Random(plan.capture_seed), on_cell=on_cell)
+    rng = random.Random(plan.capture_seed)
+    for t in temps:
+        def on_cell(c: int, plen: int, t: float = t) -> None:
+            if progress:
+                progress.update(task, advance=1, description=f"grid C={c} L={plen} T={t:g}")
+        await send_bursts(base_url, model, cells, rng, on_cell=on_cell, temperature=t)
 
 
 def run_workload(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: str, prefix: Path) -> list[int]:

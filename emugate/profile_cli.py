@@ -44,7 +44,8 @@ def cmd_capture(args) -> int:
     plan = SweepPlan(token_budget=args.token_budget, workload_requests=args.workload_requests,
                      workload_rates=[float(x) for x in args.workload_rates.split(",") if x],
                      capture_seed=args.seed, grid_output=args.grid_output, repeats=args.repeats,
-                     warmup_requests=args.warmup_requests)
+                     warmup_requests=args.warmup_requests,
+                     grid_temperatures=[float(x) for x in args.grid_temperatures.split(",") if x])
     if args.max_concurrency:
         plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
     capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log)
@@ -138,6 +139,9 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None, help="cap the grid's concurrency levels")
     p.add_argument("--grid-output", type=int, default=24, help="tokens decoded per grid request")
     p.add_argument("--repeats", type=int, default=1, help="passes over the grid")
+    p.add_argument("--grid-temperatures", default="0,1",
+                   help="sampling temperatures the grid runs at, one pass each (0: greedy; vLLM's sampler "
+                        "costs differ between all-greedy and random-sampling batches)")
     p.add_argument("--workload-requests", type=int, default=100,
                    help="ShareGPT requests per workload rate, driven by the Locust workload (0: none)")
     p.add_argument("--workload-rates", default="0.4,1.1,2.0",

@@ -53,13 +53,15 @@ STEP_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("prefill_reqs", "<u4", "requests with prefill (incl. chunked) tokens"),
     ("context_tokens", "<u8", "sum over requests of tokens already in KV cache"),
     ("attn_work", "<u8", "sum over requests of scheduled*(computed+scheduled/2): attention cost proxy"),
+    ("random_rows", "<u4", "rows of the sampler's random path: the step's requests if any of them samples "
+                           "with temperature > 0, else 0 (all greedy: argmax only)"),
     ("latency_us", "<u4", "device service time of the step, microseconds"),
     ("host_gap_us", "<u4", "host time between the previous step's end and this step's submit, us "
                            "(sync scheduling; 0 when overlapped or idle)"),
 )
 STEP_DTYPES = {name: dtype for name, dtype, _ in STEP_COLUMNS}
 #: Columns a reader fills with zeros when a file lacks them (added after version 1 files existed).
-OPTIONAL_COLUMNS = ("host_gap_us",)
+OPTIONAL_COLUMNS = ("host_gap_us", "random_rows")
 
 
 class ProfileError(ValueError):

@@ -42,11 +42,15 @@ DECODE, PREFILL, MIXED = 0, 1, 2
 CLASS_NAMES = {DECODE: "decode-only", PREFILL: "prefill-containing", MIXED: "mixed"}
 
 #: Feature order used by the linear model of FeatureOracle (after a constant).
-LINEAR_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "context_tokens")
+LINEAR_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "context_tokens", "random_rows")
 #: The subset FeatureOracle uses by default: the ablation in benchmarks/oracle_accuracy.py
 #: on the bundled profile kept attention work (decode p90 |err| 18.2% -> 14.8%, prefill
 #: median 4.6% -> 3.1%) and dropped context tokens (decode median 5.5% -> 7.7% with them).
-DEFAULT_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work")
+#: ``random_rows`` (issue 14): vLLM's sampler costs ~1 ms per request per step on the CPU
+#: host when any request in the batch samples at temperature > 0 and next to nothing when
+#: all are greedy (``python benchmarks/sampler_cost.py``); a profile without the column
+#: (recorded before it existed) has it all zero, and its slope comes out 0.
+DEFAULT_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "random_rows")
 
 
 def _bucket(x: int) -> int:
@@ -63,7 +67,11 @@ class StepFeatures:
 
     All counts are tokens or requests (integers). ``attn_work`` is
     sum over scheduled requests of n_sched * (n_computed + n_sched / 2),
-    a proxy for causal attention FLOPs (token-pairs).
+    a proxy for causal attention FLOPs (token-pairs). ``random_rows`` is
+    ``num_reqs`` when any scheduled request samples with temperature > 0,
+    else 0: vLLM V1's ``Sampler.sample`` (``vllm/v1/sample/sampler.py``)
+    returns the argmax when the whole batch is greedy and otherwise runs
+    temperature, softmax and the random draw over every row of the batch.
     """
 
     num_tokens: int
@@ -73,6 +81,7 @@ class StepFeatures:
     prefill_reqs: int
     context_tokens: int
     attn_work: int
+    random_rows: int = 0
 
     @property
     def step_class(self) -> int:
@@ -91,7 +100,7 @@ def profile_features(profile: Profile, idx: np.ndarray | None = None) -> list[St
     s = profile.steps
     cols = [s[f].astype(np.int64) for f in
             ("num_tokens", "num_reqs", "prefill_tokens", "decode_reqs", "prefill_reqs",
-             "context_tokens", "attn_work")]
+             "context_tokens", "attn_work", "random_rows")]
     if idx is not None:
         cols = [c[idx] for c in cols]
     return [StepFeatures(*map(int, row)) for row in zip(*cols)]
@@ -347,7 +356,7 @@ class FeatureOracle(LatencyOracle):
         c = (self._coef.get(f.oracle_class(self._split)) or self._coef.get(f.step_class)
              or next(iter(self._coef.values())))
         v = (c[0] + c[1] * f.num_tokens + c[2] * f.num_reqs + c[3] * f.prefill_tokens
-             + c[4] * f.attn_work + c[5] * f.context_tokens)
+             + c[4] * f.attn_work + c[5] * f.context_tokens + c[6] * f.random_rows)
         return v if v > self._floor else self._floor
 
     def predict_us(self, f: StepFeatures) -> float:

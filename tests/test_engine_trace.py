@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,7 +150,22 @@ def test_trace_counts_vllms_preemptions_and_the_recomputation_they_cause(tmp_pat
             cols = read_trace_columns(trace)[1] if trace.exists() else {}
             return cols and int(cols["preempted_reqs"].sum()) >= preempted
         wait_for(flushed, 15, what="the trace's step chunks (flushed every 2 s)")
+        n_busy, prev = -1, 0
+        while n_busy != prev:  # every step of the six flushed: the count holds over a flush period
+            prev = n_busy
+            time.sleep(2.5)
+            n_busy = len(read_trace_columns(trace)[1]["latency_us"])
+        r = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "one greedy request", "max_tokens": 6, "ignore_eos": True, "temperature": 0})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: len(read_trace_columns(trace)[1]["latency_us"]) >= n_busy + 6, 15,
+                 what="the greedy request's steps in the trace")
     cols = read_trace_columns(trace)[1]
+    # the six requests sample at vLLM's default temperature (1.0): every row takes the random path;
+    # the lone greedy request's steps take none
+    assert (cols["random_rows"][:n_busy] == cols["num_reqs"][:n_busy]).all()
+    assert (cols["random_rows"][n_busy:] == 0).all() and (cols["num_reqs"][n_busy:] == 1).all()
+    cols = {k: v[:n_busy] for k, v in cols.items()}
     f = engine_figures(cols)
     assert f["preemptions"] == preempted and f["resumed"] == preempted
     assert f["recomputed_tokens"] > 0 and f["recompute_steps"] > 0

@@ -139,6 +139,53 @@ def test_request_table_due_tokens_follow_vllm_rules():
     assert step_features(r2).step_class == PREFILL and step_features(r2).prefill_tokens == 40
 
 
+def test_step_features_count_random_sampling_rows_as_vllms_sampler_does():
+    """A batch with one request at temperature > 0 runs vLLM's random sampling path over all its
+    rows (``random_rows`` = requests); an all-greedy batch none; a finished request is forgotten."""
+    from types import SimpleNamespace as NS
+    from vllm import SamplingParams
+
+    def so(new, nst, ids=(), comp=(), nout=(), finished=()):
+        return NS(finished_req_ids=set(finished), scheduled_new_reqs=list(new), num_scheduled_tokens=nst,
+                  scheduled_cached_reqs=NS(req_ids=list(ids), num_computed_tokens=list(comp),
+                                           num_output_tokens=list(nout), all_token_ids={}))
+    g = NS(req_id="g", prompt_len=10, num_computed_tokens=0, sampling_params=SamplingParams(temperature=0.0))
+    r = NS(req_id="r", prompt_len=10, num_computed_tokens=0, sampling_params=SamplingParams(temperature=0.8))
+    t = RequestTable()
+    assert step_features(t.update(so([g], {"g": 10}))).random_rows == 0
+    f = step_features(t.update(so([r], {"g": 1, "r": 10}, ["g"], [10], [1])))
+    assert f.num_reqs == 2 and f.random_rows == 2
+    f = step_features(t.update(so([], {"g": 1, "r": 1}, ["g", "r"], [11, 10], [2, 1])))
+    assert f.random_rows == 2  # the cached request keeps its sampling mode
+    f = step_features(t.update(so([], {"g": 1}, ["g"], [12], [3], finished=["r"])))
+    assert f.random_rows == 0 and "r" not in t.random
+
+
+def test_feature_oracle_learns_the_samplers_cost_and_profiles_without_the_column_ignore_it():
+    """Decode steps cost 50 ms + 0.5 ms/request, plus 1 ms/request when the batch samples randomly
+    (half the steps): the oracle's answer for a random batch exceeds the greedy one by ~1 ms/request.
+    A profile recorded before the column existed (all zeros) answers alike for both."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    reqs = rng.integers(1, 33, n)
+    rnd = rng.random(n) < 0.5
+    ctx = reqs * rng.integers(100, 800, n)
+    lat = (50000 + 500 * reqs + 1000 * reqs * rnd) * rng.normal(1, 0.02, n)
+    steps = {"num_tokens": reqs, "num_reqs": reqs, "prefill_tokens": np.zeros(n, int), "decode_reqs": reqs,
+             "prefill_reqs": np.zeros(n, int), "context_tokens": ctx, "attn_work": ctx + reqs // 2,
+             "random_rows": reqs * rnd, "latency_us": lat.astype(int)}
+    fp = {"device_name": "synthetic", "num_kv_blocks": 100, "block_size": 16}
+    o = FeatureOracle(Profile(fp, dict(steps), np.zeros(0, np.uint32), {}))
+    for c in (2, 8, 24):
+        greedy = StepFeatures(c, c, 0, c, 0, 400 * c, 400 * c, 0)
+        random_ = StepFeatures(c, c, 0, c, 0, 400 * c, 400 * c, c)
+        assert o.predict_us(random_) - o.predict_us(greedy) == pytest.approx(1000 * c, rel=0.15)
+    old = {k: v for k, v in steps.items() if k != "random_rows"}
+    o_old = FeatureOracle(Profile(fp, old, np.zeros(0, np.uint32), {}))
+    assert o_old.predict_us(StepFeatures(8, 8, 0, 8, 0, 3200, 3200, 8)) == o_old.predict_us(
+        StepFeatures(8, 8, 0, 8, 0, 3200, 3200, 0))
+
+
 def test_bundled_assets_present():
     prof = Profile.load(BUNDLED_PROFILE)
     fp = prof.fingerprint
