@@ -74,3 +74,17 @@ def fidelity_pair(config: str | Path, out: str | Path) -> tuple:
     cfg = load_config(config)
     return (next(b for b in cfg.backends if b.mode == "real"),
             next(b for b in cfg.backends if b.mode == "emulate"))
+
+
+def probe_cli(doc: str, out_name: str, passes_help: str):
+    """The decode-probe benchmarks' command line (``--config``, ``--passes``, ``--out``): parses it and
+    returns (args, out folder, real backend, emulated backend) of the fidelity config
+    (:func:`fidelity_pair`; ``out`` defaults to ``runs/OUT_NAME``)."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "profiles" / "fidelity-cpu.toml"))
+    ap.add_argument("--passes", type=int, default=2, help=passes_help)
+    ap.add_argument("--out", default=str(ROOT / "runs" / out_name))
+    a = ap.parse_args()
+    out = Path(a.out)
+    return (a, out, *fidelity_pair(a.config, out))

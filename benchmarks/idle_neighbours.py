@@ -20,7 +20,6 @@ neighbours against the mean of the two alone phases.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, fidelity_pair
+from _common import probe_cli
 
 from gateway.launch import started_backend, wait_healthy
 from emugate.capture import send_bursts, steps_since, with_trace
@@ -45,13 +44,7 @@ def probe(url: str, model: str, trace: Path, passes: int, seed0: int) -> dict[in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "profiles" / "fidelity-cpu.toml"))
-    ap.add_argument("--passes", type=int, default=2, help="probe passes per phase")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "idle-neighbours"))
-    a = ap.parse_args()
-    out = Path(a.out)
-    real_b, emu_b = fidelity_pair(a.config, out)
+    a, out, real_b, emu_b = probe_cli(__doc__, "idle-neighbours", "probe passes per phase")
     b_trace = out / "measured.trace.jsonl"
     b = with_trace(real_b, b_trace)
     res: dict[str, dict[int, float]] = {}

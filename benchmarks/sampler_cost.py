@@ -20,14 +20,12 @@ per C and temperature, and the difference per request in the batch.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
-from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, fidelity_pair
+from _common import probe_cli
 
 from gateway.launch import started_backend, wait_healthy
 from emugate.capture import send_bursts, steps_since, with_trace
@@ -35,13 +33,7 @@ from restart_noise import CONCURRENCY, OUTPUT_LEN, PROMPT_LEN
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "profiles" / "fidelity-cpu.toml"))
-    ap.add_argument("--passes", type=int, default=2, help="probe passes per temperature (alternating)")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "sampler-cost"))
-    a = ap.parse_args()
-    out = Path(a.out)
-    real_b, _ = fidelity_pair(a.config, out)
+    a, out, real_b, _ = probe_cli(__doc__, "sampler-cost", "probe passes per temperature (alternating)")
     trace = out / "sampler.trace.jsonl"
     b = with_trace(real_b, trace)
     cells = [(c, PROMPT_LEN, OUTPUT_LEN) for c in CONCURRENCY]
