@@ -4,7 +4,7 @@ For each (rate, burstiness) of ``emugate profile validate --out DIR``:
 
 * mean TPOT per output-length bucket: real, emulated, real again (ms);
 * the oracle's error on the real runs' own steps (mean of 30 draws vs the
-  measured service time), per decode batch bucket, prefill-containing steps
+  measured service time), per point and pooled over all points, per decode batch bucket, prefill-containing steps
   and steps that recomputed KV after a preemption, and the share of those
   steps whose grid cell the profile populated (the rest are extrapolated
   from neighbouring cells): "the profile's step
@@ -115,6 +115,7 @@ def main() -> None:
     prof_path = a.profile or out / "captured.emuprof.zst"
     oracle = build_oracle(Profile.load(prof_path), "feature")
     cache: dict = {}
+    pooled: list[dict[str, np.ndarray]] = []
     for r in rows:
         print(f"\n== rate {r['rate']} req/s, burstiness {r['burst']}")
         by = {n: tpot_by_length(r[n]) for n in ("real", "emu", "real2")}
@@ -125,6 +126,7 @@ def main() -> None:
             cols = window(r[name], cache, a.traces_all_random)
             if cols is None or not len(cols["latency_us"]):
                 continue
+            pooled.append(cols)
             errs = ", ".join(f"{lab} {100 * e:+.1f}% ({n})" for lab, n, e in oracle_error(cols, oracle))
             feats = profile_features(Profile({}, dict(cols), np.zeros(0, np.uint32), {}))
             covered = np.mean([oracle.covers(f) for f in feats]) * 100
@@ -132,6 +134,12 @@ def main() -> None:
         ps = paired_spread(r)
         print("  paired real-vs-real standard error of the mean / prompts for agreement within the target (95%): "
               + ", ".join(f"{k} {se:.1f}% / {n95:.0f} ({TARGETS[k]:.0f}%)" for k, (se, n95) in ps.items()))
+    if pooled:
+        names = set.intersection(*(set(c) for c in pooled))
+        allc = {k: np.concatenate([c[k] for c in pooled]) for k in names}
+        print(f"\noracle on every real step of every point ({len(allc['latency_us'])} steps, "
+              f"{len(pooled)} runs; mean draw vs measured, summed):")
+        print("  " + ", ".join(f"{lab} {100 * e:+.1f}% ({n})" for lab, n, e in oracle_error(allc, oracle)))
     prefixes = [int(x) for x in a.prefixes.split(",")]
     print("\nreal-vs-real agreement over the first N requests, |real2 - real1| / mean, % (median / max over points)")
     print(f"  {'N':>4} " + " ".join(f"{k:>14}" for k in ("ttft", "tpot", "itl", "e2el")))

@@ -37,18 +37,19 @@ def main() -> None:
             print(f"{kind:8s} {cls:20s} {v[:, 0].mean():11.1f}% {v[:, 1].mean():9.1f}% {int(v[:, 2].mean()):7d}")
     print("\nablation: feature oracle with a subset of linear features (mean over splits, median / p90 |err|)")
     from profiles.oracle import LINEAR_FEATURES
+    default = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "random_rows")
     subsets = [("tokens+requests (2D key only)", ("num_tokens", "num_reqs")),
                ("+ prefill tokens", ("num_tokens", "num_reqs", "prefill_tokens")),
                ("+ attention work", ("num_tokens", "num_reqs", "prefill_tokens", "attn_work")),
-               ("+ random-sampling rows (default)", ("num_tokens", "num_reqs", "prefill_tokens", "attn_work",
-                                                     "random_rows")),
-               ("+ context tokens (all)", LINEAR_FEATURES)]
-    for label, feats_ in subsets:
+               ("+ random-sampling rows (default; greedy and sampled steps in separate cells)", default),
+               ("+ context tokens (all)", LINEAR_FEATURES),
+               ("default, one cell kind for greedy and sampled", default, {"split_random": False})]
+    for label, feats_, *kw in subsets:
         acc = {}
         for seed in range(a.seeds):
-            for cls, e in heldout_errors(prof, "feature", seed=seed, features=feats_).items():
+            for cls, e in heldout_errors(prof, "feature", seed=seed, features=feats_, **(kw[0] if kw else {})).items():
                 acc.setdefault(cls, []).append((e["median"], e["p90"]))
-        print(f"  {label:32s} " + "   ".join(f"{cls}: {np.mean([v[0] for v in vals]):5.1f}% / "
+        print(f"  {label:48s} " + "   ".join(f"{cls}: {np.mean([v[0] for v in vals]):5.1f}% / "
                                              f"{np.mean([v[1] for v in vals]):5.1f}%" for cls, vals in acc.items()))
     feats = profile_features(prof)
     for kind, cls in ORACLES.items():

@@ -56,7 +56,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -187,39 +187,79 @@ def warm_up_server(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: st
     return n
 
 
-def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
-            warmup_steps: int | None = None, log_file: str | Path | None = None) -> Profile:
-    """Start ``backend`` (mode real) with the ProfilingExecutor, warm up, sweep, stop it, build and save.
+#: Seed offset between server starts of one capture: start k uses seeds ``capture_seed + k*10 + i``
+#: for its workload phase and ``capture_seed + k*10 + 500`` for its warm-up.
+START_SEED_STRIDE = 10
 
-    ``warmup_steps``: leading steps to drop; None (default) drops exactly the
-    warm-up's steps, counted from the trace when the warm-up ends.
+
+def start_trace(trace: Path, k: int) -> Path:
+    """The trace file of server start ``k`` (0: ``trace`` itself, else ``<stem>.start<k>.jsonl``)."""
+    return trace if k == 0 else trace.with_name(f"{trace.stem}.start{k}{trace.suffix}")
+
+
+def capture_start(backend: BackendConfig, trace: Path, plan: SweepPlan, log_file: str | Path | None = None,
+                  label: str = "") -> tuple[int, list[int]]:
+    """One server start of a capture: start ``backend`` recording into ``trace`` (an old file there is
+    removed first: :func:`with_trace`), warm up, run the grid
+    and the workload phase, stop it. Returns (warm-up steps, output lengths decoded by the workload).
 
     Raises:
-        ValueError: the backend is not in real mode.
         RuntimeError/TimeoutError: the server did not come up.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    if backend.mode != "real":
-        raise ValueError(f"capture needs a real backend; {backend.name!r} has mode = {backend.mode!r}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    trace = Path(trace or out.with_suffix(".trace.jsonl"))
     b = with_trace(backend, trace)
-    print(f"[capture] starting real vLLM for {b.name} (trace: {trace})")
+    print(f"[capture]{label} starting real vLLM for {b.name} (trace: {trace})")
     with started_backend(b, log_file, name=f"capture/{b.name}", grace_s=60) as (url, proc):
         waited = wait_healthy(url, proc)
-        print(f"[capture] server healthy after {waited:.0f} s; warming up")
+        print(f"[capture]{label} server healthy after {waited:.0f} s; warming up")
         n_warm = warm_up_server(url, b.model_name, plan, resolve_model(b.model), trace.with_suffix(""), trace)
-        if warmup_steps is None:
-            warmup_steps = n_warm
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn()) as progress:
             asyncio.run(run_grid(url, b.model_name, plan, progress=progress))
-        lens = []
+        lens: list[int] = []
         if plan.workload_requests and plan.workload_rates:
             lens = run_workload(url, b.model_name, plan, resolve_model(b.model), trace.with_suffix(""))
-    prof = build_profile([trace], warmup_steps=warmup_steps, output_lengths=lens or None,
-                         meta={"capture": {"plan": plan.__dict__, "backend": b.model_dump()}})
+    return n_warm, lens
+
+
+def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
+            warmup_steps: int | None = None, log_file: str | Path | None = None, starts: int = 1) -> Profile:
+    """Start ``backend`` (mode real) with the ProfilingExecutor, warm up, sweep, stop it; ``starts`` times
+    over; build one profile from every start's trace and save it to ``out``.
+
+    ``starts``: server starts to pool. A start runs the same step shapes a few % faster or slower
+    than the next, throughout (``benchmarks/restart_noise.py``; issue 14: the single-start Xeon
+    capture timed sampled decode batches of 12-23 requests 1.5 % slower than four validation
+    starts did), and a profile from one start carries that start's offset into every emulated
+    step. Pooling N starts shrinks it by about sqrt(N). Start k uses seeds shifted by
+    ``START_SEED_STRIDE * k`` and records into :func:`start_trace`.
+    ``warmup_steps``: leading steps to drop from each start's trace; None (default) drops
+    exactly that start's warm-up steps, counted from its trace when its warm-up ends.
+
+    Raises:
+        ValueError: the backend is not in real mode, or ``starts`` < 1.
+        RuntimeError/TimeoutError: a server did not come up.
+    """
+    if backend.mode != "real":
+        raise ValueError(f"capture needs a real backend; {backend.name!r} has mode = {backend.mode!r}")
+    if starts < 1:
+        raise ValueError(f"capture needs at least one server start (got starts={starts})")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trace = Path(trace or out.with_suffix(".trace.jsonl"))
+    traces, warm, lens = [], [], []
+    for k in range(starts):
+        t = start_trace(trace, k)
+        label = f" start {k + 1}/{starts}:" if starts > 1 else ""
+        plan_k = replace(plan, capture_seed=plan.capture_seed + START_SEED_STRIDE * k)
+        n_warm, lens_k = capture_start(backend, t, plan_k, log_file, label)
+        traces.append(t)
+        warm.append(n_warm if warmup_steps is None else warmup_steps)
+        lens += lens_k
+    prof = build_profile(traces, warmup_steps=warm, output_lengths=lens or None,
+                         meta={"capture": {"plan": plan.__dict__, "starts": starts,
+                                           "backend": backend.model_dump()}})
     prof.save(out)
-    print(f"[capture] {prof.num_steps} steps -> {out} ({out.stat().st_size / 1024:.0f} KiB)")
+    print(f"[capture] {prof.num_steps} steps from {starts} server start(s) -> {out} "
+          f"({out.stat().st_size / 1024:.0f} KiB)")
     return prof

@@ -48,13 +48,28 @@ def cmd_capture(args) -> int:
                      grid_temperatures=[float(x) for x in args.grid_temperatures.split(",") if x])
     if args.max_concurrency:
         plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
-    capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log)
+    capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log, starts=args.starts)
     return 0
+
+
+def _warmup_counts(text: str) -> int | list[int]:
+    """``--warmup-steps`` of ``profile build``: one count for every trace, or one per trace (comma-separated)."""
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or comma-separated counts, got {text!r}") from None
+    if any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"step counts cannot be negative: {text!r}")
+    return vals[0] if len(vals) == 1 else vals
 
 
 def cmd_build(args) -> int:
     from profiles.build import build_profile
-    prof = build_profile(args.traces, warmup_steps=args.warmup_steps)
+    from profiles.format import ProfileError
+    try:
+        prof = build_profile(args.traces, warmup_steps=args.warmup_steps)
+    except ProfileError as e:
+        sys.exit(f"error: {e}")
     prof.save(args.out)
     print(f"{prof.num_steps} steps -> {args.out}")
     return 0
@@ -153,13 +168,18 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="leading steps dropped (default: exactly the warm-up's steps, counted from the trace)")
     p.add_argument("--log", default=None, help="file for the vLLM server log")
+    p.add_argument("--starts", type=int, default=1,
+                   help="server starts to pool into the profile, each warmed up and swept in full (seeds shift by "
+                        "10 per start). Starts run the same steps a few %% apart throughout; the bundled CPU "
+                        "profile pools 2. Each start adds the whole capture's time")
     p.set_defaults(fn=cmd_capture)
 
     p = sub.add_parser("build", formatter_class=_DEFAULTS,
                        help="build a profile from ProfilingExecutor traces")
     p.add_argument("traces", nargs="+")
     p.add_argument("-o", "--out", required=True)
-    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--warmup-steps", type=_warmup_counts, default=50,
+                   help="leading steps dropped from each trace: one count, or one per trace (comma-separated)")
     p.set_defaults(fn=cmd_build)
 
     p = sub.add_parser("synth", formatter_class=_DEFAULTS,

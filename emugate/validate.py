@@ -76,6 +76,9 @@ def add_validate_args(p) -> None:
     p.add_argument("--warmup-prompts", type=int, default=40,
                    help="unmeasured requests (4 req/s) that warm each server up before the sweep")
     p.add_argument("--oracle", default=None, choices=["feature", "grid2d"], help="override the backend's oracle")
+    p.add_argument("--capture-starts", type=int, default=2,
+                   help="server starts pooled when validate has to capture a profile first (a profile recorded "
+                        "on another CPU); ~20 min each on a 2-core host")
     p.add_argument("--out", default="runs/validate", help="output folder")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild validate.csv/.md/.png from the run JSONs already in --out")
@@ -271,9 +274,10 @@ def main_validate(args) -> int:
     if why:
         from emugate.capture import SweepPlan, capture
         print(f"[validate] not comparing with profile {profile!r}: {why}. Capturing one from {real_b.name} "
-              f"on this host (seeds 1000-1002, workload rates {SweepPlan().workload_rates} req/s)")
+              f"on this host ({args.capture_starts} server start(s), seeds from 1000, workload rates "
+              f"{SweepPlan().workload_rates} req/s)")
         profile = str(out / "captured.emuprof.zst")
-        prof = capture(real_b, profile, SweepPlan(), log_file=out / "capture.log")
+        prof = capture(real_b, profile, SweepPlan(), log_file=out / "capture.log", starts=args.capture_starts)
     emu_b = emu_b.model_copy(update={"profile": profile, **({"oracle": args.oracle} if args.oracle else {})})
     rates = [float(x) for x in args.rates.split(",")]
     bursts = [float(x) for x in args.burstiness.split(",")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -68,20 +68,25 @@ def read_trace(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
     return fp, arrays, out_lens
 
 
-def build_profile(traces: list[str | Path], warmup_steps: int = 50, meta: dict | None = None,
+def build_profile(traces: list[str | Path], warmup_steps: int | Sequence[int] = 50, meta: dict | None = None,
                   output_lengths: np.ndarray | None = None, min_natural: int = 100) -> Profile:
     """Merge one or more traces of the same engine into a profile.
 
+    ``warmup_steps``: leading steps dropped from every trace, or one count per trace (a
+    multi-start capture warms each server start up separately).
     ``output_lengths``: used when the traces recorded fewer than
     ``min_natural`` natural (EOS) endings, e.g. a dummy-weights capture whose
     EOS timing means nothing; ``meta['output_lengths_source']`` says which.
     Raises ProfileError when traces' fingerprints disagree on model or device.
     """
+    warm = [warmup_steps] * len(traces) if isinstance(warmup_steps, int) else list(warmup_steps)
+    if len(warm) != len(traces):
+        raise ProfileError(f"{len(warm)} warm-up step counts for {len(traces)} traces")
     fps, parts, lens = [], [], []
-    for t in traces:
+    for t, w in zip(traces, warm):
         fp, arr, ol = read_trace(t)
         fps.append(fp)
-        parts.append({k: v[warmup_steps:] for k, v in arr.items()})
+        parts.append({k: v[w:] for k, v in arr.items()})
         lens.append(ol)
     for fp in fps[1:]:
         for k in ("model_dims", "device_name", "dtype", "tensor_parallel_size"):

@@ -40,6 +40,9 @@ from profiles.format import Profile
 
 DECODE, PREFILL, MIXED = 0, 1, 2
 CLASS_NAMES = {DECODE: "decode-only", PREFILL: "prefill-containing", MIXED: "mixed"}
+#: Added to a cell key's class code for steps whose sampler takes the random path, when the
+#: oracle keeps greedy and sampled steps in separate cells (``FeatureOracle``, issue 14).
+SAMPLED = 4
 
 #: Feature order used by the linear model of FeatureOracle (after a constant).
 LINEAR_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "context_tokens", "random_rows")
@@ -106,18 +109,22 @@ def profile_features(profile: Profile, idx: np.ndarray | None = None) -> list[St
     return [StepFeatures(*map(int, row)) for row in zip(*cols)]
 
 
-def _key(f: StepFeatures, split_mixed: bool = False) -> tuple[int, int, int]:
-    """Grid key (class, tokens bucket, requests bucket) of a step."""
-    return f.oracle_class(split_mixed), _bucket(f.num_tokens), _bucket(f.num_reqs)
+def _key(f: StepFeatures, split_mixed: bool = False, split_random: bool = False) -> tuple[int, int, int]:
+    """Grid key (class code, tokens bucket, requests bucket) of a step. The class code is
+    ``oracle_class(split_mixed)``, plus ``SAMPLED`` with ``split_random`` for a step whose
+    sampler takes the random path (``random_rows > 0``)."""
+    code = f.oracle_class(split_mixed) + (SAMPLED if split_random and f.random_rows > 0 else 0)
+    return code, _bucket(f.num_tokens), _bucket(f.num_reqs)
 
 
-def _training_rows(profile: Profile, idx: np.ndarray | None, split_mixed: bool = False):
+def _training_rows(profile: Profile, idx: np.ndarray | None, split_mixed: bool = False,
+                   split_random: bool = False):
     """(features, latencies in us, grid keys) of the rows an oracle is built from."""
     feats = profile_features(profile, idx)
     lat = profile.steps["latency_us"].astype(float)
     if idx is not None:
         lat = lat[idx]
-    return feats, lat, [_key(f, split_mixed) for f in feats]
+    return feats, lat, [_key(f, split_mixed, split_random) for f in feats]
 
 
 class LatencyOracle:
@@ -136,7 +143,10 @@ class LatencyOracle:
         answer is pooled from neighbouring cells: an extrapolation). False for oracles
         without cells."""
         cells = getattr(self, "_cells", None)
-        return cells is not None and _key(f, getattr(self, "_split", False)) in cells.cells
+        return cells is not None and self._cell_key(f) in cells.cells
+
+    def _cell_key(self, f: StepFeatures) -> tuple[int, int, int]:
+        return _key(f, getattr(self, "_split", False), getattr(self, "_split_random", False))
 
     def sample_us(self, f: StepFeatures) -> float:  # pragma: no cover - interface
         raise NotImplementedError
@@ -166,11 +176,12 @@ class _Cells:
             if len(vs) >= min_samples:
                 vs.sort()
                 self.cells[k] = (float(np.median(vs)), vs)
+        codes = {k[0] for k in self.cells}
         self._coords = {
             c: np.array([(k[1], k[2]) for k in self.cells if k[0] == c], dtype=float).reshape(-1, 2)
-            for c in CLASS_NAMES
+            for c in codes
         }
-        self._ckeys = {c: [k for k in self.cells if k[0] == c] for c in CLASS_NAMES}
+        self._ckeys = {c: [k for k in self.cells if k[0] == c] for c in codes}
         self._memo: dict[tuple[int, int, int], tuple[float, list[float]] | None] = {}
 
     def lookup(self, key: tuple[int, int, int]) -> tuple[float, list[float]] | None:
@@ -187,14 +198,16 @@ class _Cells:
 
     def _pool(self, key):
         c = key[0]
-        coords = self._coords[c]
-        keys = self._ckeys[c]
-        if not len(keys):
-            others = {DECODE: (PREFILL,), PREFILL: (DECODE,), MIXED: (PREFILL, DECODE)}[c]
-            other = next((o for o in others if len(self._ckeys[o])), None)
-            if other is None:
+        if c not in self._ckeys:
+            # no cell of this class code: the same class with the other sampler path first
+            # (its linear model still carries the sampler's cost), then the other classes
+            flag, base = c & SAMPLED, c & ~SAMPLED
+            others = {DECODE: (PREFILL,), PREFILL: (DECODE,), MIXED: (PREFILL, DECODE)}[base]
+            order = [base | (flag ^ SAMPLED)] + [o | f for o in others for f in (flag, flag ^ SAMPLED)]
+            c = next((o for o in order if o in self._ckeys), None)
+            if c is None:
                 return None
-            coords, keys = self._coords[other], self._ckeys[other]
+        coords, keys = self._coords[c], self._ckeys[c]
         d2 = ((coords - np.array([key[1], key[2]], dtype=float)) ** 2).sum(axis=1)
         order = np.argsort(d2, kind="stable")
         # adaptive K: grow the neighbourhood until it holds pool_samples values
@@ -319,12 +332,17 @@ class FeatureOracle(LatencyOracle):
     decode context and a prefill's cached prefix cost differently per token, so mixed
     steps need their own model and context tokens as a feature), else to
     ``DEFAULT_FEATURES`` and two classes (what the CPU capture was validated with).
+    ``split_random``: greedy steps and steps whose sampler takes the random path
+    (``random_rows > 0``) in separate ratio cells; default: when the profile recorded any
+    sampled step. An empty cell pools its own kind's neighbours first, then the other kind's
+    (whose ratios the linear model's ``random_rows`` slope has already put on one scale).
     """
 
     name = "feature"
 
     def __init__(self, profile: Profile, seed: int = 0, idx: np.ndarray | None = None,
-                 features: tuple[str, ...] | None = None, split_mixed: bool | None = None):
+                 features: tuple[str, ...] | None = None, split_mixed: bool | None = None,
+                 split_random: bool | None = None):
         hint = profile.meta.get("oracle", {}) if isinstance(profile.meta, dict) else {}
         features = tuple(features or hint.get("features") or DEFAULT_FEATURES)
         self._split = bool(hint.get("split_mixed", False) if split_mixed is None else split_mixed)
@@ -333,6 +351,13 @@ class FeatureOracle(LatencyOracle):
             raise ValueError(f"unknown oracle features {sorted(unknown)}; choose from {LINEAR_FEATURES}")
         active = [0] + [1 + LINEAR_FEATURES.index(n) for n in features]
         feats, lat, keys = _training_rows(profile, idx, self._split)
+        # Greedy and sampled steps get separate ratio cells when the profile holds sampled
+        # ones: the sampler's cost per row grows with the batch (L2 spill of the float32
+        # softmax over the vocabulary; ``benchmarks/sampler_cost.py``), which the linear
+        # slope alone over- or under-states by ~1.5 % at 12-23 rows (README, Fidelity).
+        self._split_random = (any(f.random_rows > 0 for f in feats) if split_random is None
+                              else bool(split_random))
+        cell_keys = [_key(f, self._split, True) for f in feats] if self._split_random else keys
         self._coef: dict[int, list[float]] = {}
         cls = np.array([f.oracle_class(self._split) for f in feats], dtype=int)
         X = np.array([[1.0] + [float(getattr(f, n)) for n in LINEAR_FEATURES] for f in feats])
@@ -348,7 +373,7 @@ class FeatureOracle(LatencyOracle):
         self._floor = floor
         lin = np.array([self._linear(f) for f in feats])
         ratios = lat / lin if len(lat) else lat
-        self._cells = _Cells(keys, ratios)
+        self._cells = _Cells(cell_keys, ratios)
         self._rng = random.Random(seed)
         self._gaps = _GapModel.build(profile, keys, idx, random.Random(seed + 1), self._split)
 
@@ -360,12 +385,12 @@ class FeatureOracle(LatencyOracle):
         return v if v > self._floor else self._floor
 
     def predict_us(self, f: StepFeatures) -> float:
-        cell = self._cells.lookup(_key(f, self._split))
+        cell = self._cells.lookup(self._cell_key(f))
         return self._linear(f) * (cell[0] if cell else 1.0)
 
     def sample_us(self, f: StepFeatures) -> float:
         lin = self._linear(f)
-        cell = self._cells.lookup(_key(f, self._split))
+        cell = self._cells.lookup(self._cell_key(f))
         if cell is None:
             return lin
         samples = cell[1]
@@ -403,13 +428,14 @@ def build_oracle(profile: Profile, kind: str = "feature", seed: int = 0) -> Late
 
 
 def heldout_errors(profile: Profile, kind: str, test_frac: float = 0.2, seed: int = 0,
-                   features: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
+                   features: tuple[str, ...] | None = None, **oracle_kw) -> dict[str, dict[str, float]]:
     """Absolute % error of ``predict_us`` on held-out steps, per step class.
 
     Splits the steps at random (``seed``) into build (1-test_frac) and test
     sets, builds the oracle from the build set only, and returns
     {class name: {"median": %, "p90": %, "n": count}}. ``features``: the
-    linear features of the ``feature`` oracle (ablations).
+    linear features of the ``feature`` oracle (ablations); ``oracle_kw``: more of its
+    arguments (e.g. ``split_random``).
     """
     n = profile.num_steps
     rng = np.random.default_rng(seed)
@@ -417,6 +443,7 @@ def heldout_errors(profile: Profile, kind: str, test_frac: float = 0.2, seed: in
     n_test = max(1, int(n * test_frac))
     test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     kw = {"features": features} if features is not None else {}
+    kw.update(oracle_kw)
     oracle = ORACLES[kind](profile, seed=seed, idx=train, **kw)
     feats = profile_features(profile, test)
     actual = profile.steps["latency_us"][test].astype(float)

@@ -186,6 +186,65 @@ def test_feature_oracle_learns_the_samplers_cost_and_profiles_without_the_column
         StepFeatures(8, 8, 0, 8, 0, 3200, 3200, 0))
 
 
+def test_feature_oracle_keeps_greedy_and_sampled_steps_in_separate_cells():
+    """A sampler whose cost per row grows with the batch (30 us x C^2 extra when any row samples,
+    as the CPU's float32 softmax spills its cache; ``benchmarks/sampler_cost.py``): one linear
+    slope cannot follow it, so with one kind of cell greedy and sampled answers are off by up to
+    ~10 %; with separate cells (the default once a profile holds sampled steps) both kinds come
+    within a few % at every batch size."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    reqs = rng.integers(1, 49, n)
+    rnd = rng.random(n) < 0.5
+    ctx = reqs * rng.integers(100, 800, n)
+    lat = (50000 + 500 * reqs + 30 * reqs ** 2 * rnd) * rng.normal(1, 0.02, n)
+    steps = {"num_tokens": reqs, "num_reqs": reqs, "prefill_tokens": np.zeros(n, int), "decode_reqs": reqs,
+             "prefill_reqs": np.zeros(n, int), "context_tokens": ctx, "attn_work": ctx + reqs // 2,
+             "random_rows": reqs * rnd, "latency_us": lat.astype(int)}
+    prof = Profile({"device_name": "synthetic", "num_kv_blocks": 100, "block_size": 16}, steps,
+                   np.zeros(0, np.uint32), {})
+
+    def worst(o: FeatureOracle) -> float:
+        errs = []
+        for c in (2, 6, 12, 24, 40):
+            for r in (0, c):
+                truth = 50000 + 500 * c + 30 * c * c * (r > 0)
+                errs.append(abs(o.predict_us(StepFeatures(c, c, 0, c, 0, 400 * c, 400 * c, r)) / truth - 1))
+        return 100 * max(errs)
+
+    split = FeatureOracle(prof)
+    assert split.covers(StepFeatures(12, 12, 0, 12, 0, 4800, 4800, 12))
+    assert worst(split) < 4.0
+    assert worst(FeatureOracle(prof, split_random=False)) > 5.0
+    # a sampled step of a shape the profile only recorded greedy still gets the sampler's cost
+    # from the linear slope (its cell pools the greedy kind's)
+    keep = ~rnd | (reqs >= 40)  # sampled steps of 40+ requests only
+    mixed = {k: v[keep] for k, v in steps.items()}
+    o = FeatureOracle(Profile(prof.fingerprint, mixed, np.zeros(0, np.uint32), {}))
+    g, r = StepFeatures(4, 4, 0, 4, 0, 1600, 1600, 0), StepFeatures(4, 4, 0, 4, 0, 1600, 1600, 4)
+    assert o.predict_us(r) > o.predict_us(g)
+
+
+def test_build_profile_drops_each_traces_own_warmup(tmp_path):
+    """A multi-start capture warms every server start up separately: ``build_profile`` drops a
+    per-trace count of leading steps, and says so when the counts do not match the traces."""
+    from profiles.build import build_profile
+    cols = ["num_tokens", "num_reqs", "latency_us"]
+    traces = []
+    for i, n in enumerate((10, 14)):
+        t = tmp_path / f"t{i}.jsonl"
+        columns = [[k + 1 for k in range(n)], [1] * n, [1000 * (i + 1) + k for k in range(n)]]  # column-major
+        t.write_text(json.dumps({"type": "fingerprint", "fingerprint": {"device_name": "x"}}) + "\n"
+                     + json.dumps({"type": "steps", "columns": cols, "rows": columns}) + "\n")
+        traces.append(t)
+    prof = build_profile(traces, warmup_steps=[3, 5])
+    assert prof.num_steps == (10 - 3) + (14 - 5)
+    assert prof.steps["latency_us"][0] == 1003 and prof.steps["latency_us"][7] == 2005
+    assert build_profile(traces, warmup_steps=2).num_steps == 8 + 12
+    with pytest.raises(ProfileError, match="2 traces"):
+        build_profile(traces, warmup_steps=[1, 2, 3])
+
+
 def test_bundled_assets_present():
     prof = Profile.load(BUNDLED_PROFILE)
     fp = prof.fingerprint
