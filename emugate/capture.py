@@ -193,7 +193,7 @@ START_SEED_STRIDE = 10
 
 
 def start_trace(trace: Path, k: int) -> Path:
-    """The trace file of server start ``k`` (0: ``trace`` itself, else ``<stem>.start<k>.jsonl``)."""
+    """The file of server start ``k`` (0: ``trace`` itself, else ``<stem>.start<k><suffix>``): its trace or log."""
     return trace if k == 0 else trace.with_name(f"{trace.stem}.start{k}{trace.suffix}")
 
 
@@ -232,7 +232,7 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
     capture timed sampled decode batches of 12-23 requests 1.5 % slower than four validation
     starts did), and a profile from one start carries that start's offset into every emulated
     step. Pooling N starts shrinks it by about sqrt(N). Start k uses seeds shifted by
-    ``START_SEED_STRIDE * k`` and records into :func:`start_trace`.
+    ``START_SEED_STRIDE * k`` and records into :func:`start_trace` (its server log likewise).
     ``warmup_steps``: leading steps to drop from each start's trace; None (default) drops
     exactly that start's warm-up steps, counted from its trace when its warm-up ends.
 
@@ -252,7 +252,8 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
         t = start_trace(trace, k)
         label = f" start {k + 1}/{starts}:" if starts > 1 else ""
         plan_k = replace(plan, capture_seed=plan.capture_seed + START_SEED_STRIDE * k)
-        n_warm, lens_k = capture_start(backend, t, plan_k, log_file, label)
+        log_k = start_trace(Path(log_file), k) if log_file else None
+        n_warm, lens_k = capture_start(backend, t, plan_k, log_k, label)
         traces.append(t)
         warm.append(n_warm if warmup_steps is None else warmup_steps)
         lens += lens_k

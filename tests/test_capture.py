@@ -31,6 +31,7 @@ def test_capture_pools_two_server_starts_each_without_its_warmup(tmp_path):
     traces = [start_trace(out.with_suffix(".trace.jsonl"), k) for k in (0, 1)]
     assert [t.name for t in traces] == ["two.emuprof.trace.jsonl", "two.emuprof.trace.start1.jsonl"]
     assert all(t.exists() for t in traces)
+    assert (tmp_path / "server.log").stat().st_size > 0 and (tmp_path / "server.start1.log").stat().st_size > 0
     warm = prof.meta["warmup_steps"]
     assert prof.meta["capture"]["starts"] == 2 and isinstance(warm, list) and len(warm) == 2
     # each start's own warm-up (4 bursts of 48 tokens: at least 48 steps) is left out, nothing else
