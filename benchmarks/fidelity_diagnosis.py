@@ -113,6 +113,11 @@ def main() -> None:
     out = Path(a.out)
     rows = rows_from_dir(out)
     prof_path = a.profile or out / "captured.emuprof.zst"
+    if not a.profile and not Path(prof_path).exists():  # validate used the config's profile, captured nothing
+        from gateway.config import load_config
+        prof_path = next(b.profile for b in load_config(ROOT / "profiles" / "fidelity-cpu.toml").backends
+                         if b.mode == "emulate")
+        print(f"profile: {prof_path} (the fidelity config's; {out} holds no captured.emuprof.zst)")
     oracle = build_oracle(Profile.load(prof_path), "feature")
     cache: dict = {}
     pooled: list[dict[str, np.ndarray]] = []

@@ -49,7 +49,7 @@ def main() -> None:
         for seed in range(a.seeds):
             for cls, e in heldout_errors(prof, "feature", seed=seed, features=feats_, **(kw[0] if kw else {})).items():
                 acc.setdefault(cls, []).append((e["median"], e["p90"]))
-        print(f"  {label:48s} " + "   ".join(f"{cls}: {np.mean([v[0] for v in vals]):5.1f}% / "
+        print(f"  {label:76s} " + "   ".join(f"{cls}: {np.mean([v[0] for v in vals]):5.1f}% / "
                                              f"{np.mean([v[1] for v in vals]):5.1f}%" for cls, vals in acc.items()))
     feats = profile_features(prof)
     for kind, cls in ORACLES.items():
