@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
+from _common import ROOT, fidelity_pair
 
 from emugate.engine_trace import request_tpots_ms, tpot_by_length
 from emugate.validate import rows_from_dir
@@ -114,9 +114,7 @@ def main() -> None:
     rows = rows_from_dir(out)
     prof_path = a.profile or out / "captured.emuprof.zst"
     if not a.profile and not Path(prof_path).exists():  # validate used the config's profile, captured nothing
-        from gateway.config import load_config
-        prof_path = next(b.profile for b in load_config(ROOT / "profiles" / "fidelity-cpu.toml").backends
-                         if b.mode == "emulate")
+        prof_path = fidelity_pair(ROOT / "profiles" / "fidelity-cpu.toml", out)[1].profile
         print(f"profile: {prof_path} (the fidelity config's; {out} holds no captured.emuprof.zst)")
     oracle = build_oracle(Profile.load(prof_path), "feature")
     cache: dict = {}

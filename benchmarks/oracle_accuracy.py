@@ -36,18 +36,17 @@ def main() -> None:
             v = np.array(v)
             print(f"{kind:8s} {cls:20s} {v[:, 0].mean():11.1f}% {v[:, 1].mean():9.1f}% {int(v[:, 2].mean()):7d}")
     print("\nablation: feature oracle with a subset of linear features (mean over splits, median / p90 |err|)")
-    from profiles.oracle import LINEAR_FEATURES
-    default = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "random_rows")
-    subsets = [("tokens+requests (2D key only)", ("num_tokens", "num_reqs")),
-               ("+ prefill tokens", ("num_tokens", "num_reqs", "prefill_tokens")),
-               ("+ attention work", ("num_tokens", "num_reqs", "prefill_tokens", "attn_work")),
-               ("+ random-sampling rows (default; greedy and sampled steps in separate cells)", default),
-               ("+ context tokens (all)", LINEAR_FEATURES),
-               ("default, one cell kind for greedy and sampled", default, {"split_random": False})]
-    for label, feats_, *kw in subsets:
+    from profiles.oracle import DEFAULT_FEATURES, LINEAR_FEATURES
+    subsets = [("tokens+requests (2D key only)", ("num_tokens", "num_reqs"), {}),
+               ("+ prefill tokens", ("num_tokens", "num_reqs", "prefill_tokens"), {}),
+               ("+ attention work", ("num_tokens", "num_reqs", "prefill_tokens", "attn_work"), {}),
+               ("+ random-sampling rows (default; greedy and sampled steps in separate cells)", DEFAULT_FEATURES, {}),
+               ("+ context tokens (all)", LINEAR_FEATURES, {}),
+               ("default, one cell kind for greedy and sampled", DEFAULT_FEATURES, {"split_random": False})]
+    for label, feats_, kw in subsets:
         acc = {}
         for seed in range(a.seeds):
-            for cls, e in heldout_errors(prof, "feature", seed=seed, features=feats_, **(kw[0] if kw else {})).items():
+            for cls, e in heldout_errors(prof, "feature", seed=seed, features=feats_, **kw).items():
                 acc.setdefault(cls, []).append((e["median"], e["p90"]))
         print(f"  {label:76s} " + "   ".join(f"{cls}: {np.mean([v[0] for v in vals]):5.1f}% / "
                                              f"{np.mean([v[1] for v in vals]):5.1f}%" for cls, vals in acc.items()))

@@ -117,14 +117,13 @@ def _key(f: StepFeatures, split_mixed: bool = False, split_random: bool = False)
     return code, _bucket(f.num_tokens), _bucket(f.num_reqs)
 
 
-def _training_rows(profile: Profile, idx: np.ndarray | None, split_mixed: bool = False,
-                   split_random: bool = False):
+def _training_rows(profile: Profile, idx: np.ndarray | None, split_mixed: bool = False):
     """(features, latencies in us, grid keys) of the rows an oracle is built from."""
     feats = profile_features(profile, idx)
     lat = profile.steps["latency_us"].astype(float)
     if idx is not None:
         lat = lat[idx]
-    return feats, lat, [_key(f, split_mixed, split_random) for f in feats]
+    return feats, lat, [_key(f, split_mixed) for f in feats]
 
 
 class LatencyOracle:
@@ -134,6 +133,9 @@ class LatencyOracle:
 
     name = "oracle"
     _gaps: "_GapModel | None" = None
+    #: Cell keying (see :func:`_key`); oracles that split set these in ``__init__``.
+    _split = False
+    _split_random = False
 
     def sample_gap_us(self, f: StepFeatures) -> float:
         return self._gaps.sample(f) if self._gaps is not None else 0.0
@@ -146,7 +148,7 @@ class LatencyOracle:
         return cells is not None and self._cell_key(f) in cells.cells
 
     def _cell_key(self, f: StepFeatures) -> tuple[int, int, int]:
-        return _key(f, getattr(self, "_split", False), getattr(self, "_split_random", False))
+        return _key(f, self._split, self._split_random)
 
     def sample_us(self, f: StepFeatures) -> float:  # pragma: no cover - interface
         raise NotImplementedError
