@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from loadtests.metrics import RequestResult, calculate_metrics, parse_goodput, result_json  # noqa: E402
 from loadtests.plan import PlanSpec, make_plan, split_for_worker  # noqa: E402
 from loadtests.report import summary_table, write_json, write_png  # noqa: E402
+from loadtests.endpoint import EndpointNotReady, wait_for_model  # noqa: E402
 from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa: E402
 
 
@@ -69,15 +70,18 @@ def _options(parser):
     g.add_argument("--label", default=None)
     g.add_argument("--plan-workers", type=int, default=1, help="distributed: total number of workers")
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key (env OPENAI_API_KEY)")
+    g.add_argument("--ready-check-timeout-sec", type=float, default=600.0,
+                   help="seconds to wait for the endpoint to serve the model before sending (as vllm bench "
+                        "serve); 0: do not wait")
 
 
-def _resolve_model_and_tokenizer(host: str, opts) -> tuple[str, str]:
-    import httpx
+def _resolve_model_and_tokenizer(host: str, opts, headers: dict[str, str]) -> tuple[str, str]:
     model, tok = opts.model, opts.tokenizer
     root = None
-    if model is None or tok is None:
-        data = httpx.get(host.rstrip("/") + "/v1/models", timeout=10).json()["data"]
-        entry = next((m for m in data if model is None or m["id"] == model), data[0])
+    if opts.ready_check_timeout_sec > 0 or model is None or tok is None:
+        log = (lambda m: print(m, file=sys.stderr, flush=True))
+        data = wait_for_model(host, model, headers, opts.ready_check_timeout_sec, log=log)
+        entry = next(m for m in data if model is None or m["id"] == model)
         model = model or entry["id"]
         root = entry.get("root")
     if tok is None:
@@ -100,11 +104,28 @@ class ShareGPTDriver(User):
 
     @task
     def drive(self):
+        """Run the plan; on any error print it, set Locust's exit code to 1 and stop (never hang)."""
+        env = self.environment
+        try:
+            self._drive()
+        except gevent.GreenletExit:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported, then the run ends with exit code 1
+            if not isinstance(e, EndpointNotReady):
+                import traceback
+                traceback.print_exc(file=sys.stderr)
+            print(f"[sharegpt] error: {e}", file=sys.stderr, flush=True)
+            env.process_exit_code = 1
+            env.runner.quit()
+            raise gevent.GreenletExit() from None
+
+    def _drive(self):
         env = self.environment
         o = env.parsed_options
         runner = env.runner
         widx = getattr(runner, "worker_index", 0) or 0
-        model, tok = _resolve_model_and_tokenizer(self.host, o)
+        headers = {"Authorization": f"Bearer {o.api_key}"} if o.api_key else {}
+        model, tok = _resolve_model_and_tokenizer(self.host, o, headers)
         spec = PlanSpec(tokenizer=tok, num_prompts=o.num_prompts, request_rate=o.request_rate,
                         burstiness=o.burstiness, seed=o.seed, dataset_path=o.dataset_path,
                         output_len=o.output_len, ramp_up_strategy=o.ramp_up_strategy,
@@ -115,7 +136,6 @@ class ShareGPTDriver(User):
         goodput = parse_goodput(o.goodput)
         chat = o.endpoint == "chat"
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        headers = {"Authorization": f"Bearer {o.api_key}"} if o.api_key else {}
         pool = ConnectionPool(self.host)
         sem = Semaphore(o.max_concurrency) if o.max_concurrency else None
         results = [RequestResult() for _ in plan]

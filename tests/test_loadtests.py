@@ -184,3 +184,72 @@ def test_headless_locust_writes_vllm_format_json_and_png(emu20, tmp_path):
     cmp_ = subprocess.run([sys.executable, "-m", "loadtests.compare", str(out), str(out)], cwd=ROOT,
                           capture_output=True, text=True)
     assert cmp_.returncode == 0 and "+0.00%" in cmp_.stdout and "Mean TTFT (ms)" in cmp_.stdout
+
+
+# ------------------------------------------- waiting for the endpoint's model
+class _ModelsHandler(BaseHTTPRequestHandler):
+    """``GET /v1/models``: 503, then an empty list, then the model (as the gateway while a backend loads)."""
+
+    protocol_version = "HTTP/1.1"
+    script: list[tuple[int, list]] = []
+    calls = 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        cls = type(self)
+        status, data = cls.script[min(cls.calls, len(cls.script) - 1)]
+        cls.calls += 1
+        body = json.dumps({"object": "list", "data": data} if status == 200 else
+                          {"error": {"message": "x", "type": "t", "code": status}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def models_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _ModelsHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    _ModelsHandler.calls = 0
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_wait_for_model_polls_until_the_model_is_listed(models_server):
+    from loadtests.endpoint import wait_for_model
+    m = {"id": "llama", "object": "model", "root": "/m"}
+    _ModelsHandler.script = [(503, []), (200, []), (200, [{"id": "other"}]), (200, [{"id": "other"}, m])]
+    data = wait_for_model(models_server, "llama", {}, timeout_s=30, poll_s=0.05)
+    assert _ModelsHandler.calls == 4 and m in data
+    _ModelsHandler.calls = 0
+    assert wait_for_model(models_server, None, {}, timeout_s=30, poll_s=0.05)[0]["id"] == "other"
+    assert _ModelsHandler.calls == 3  # any model will do when none is named
+
+
+def test_wait_for_model_gives_up_with_what_to_do(models_server):
+    from loadtests.endpoint import EndpointNotReady, wait_for_model
+    _ModelsHandler.script = [(200, [])]
+    with pytest.raises(EndpointNotReady, match="ready-check-timeout-sec"):
+        wait_for_model(models_server, None, {}, timeout_s=0.3, poll_s=0.05)
+    assert _ModelsHandler.calls >= 2
+    _ModelsHandler.script, _ModelsHandler.calls = [(401, [])], 0
+    with pytest.raises(EndpointNotReady, match="--api-key"):  # a wrong key is not waited out
+        wait_for_model(models_server, None, {}, timeout_s=30, poll_s=0.05)
+    assert _ModelsHandler.calls == 1
+
+
+def test_locust_run_against_a_dead_endpoint_exits_1_instead_of_hanging(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",
+           "-H", f"http://127.0.0.1:{port}", "--num-prompts", "3", "--ready-check-timeout-sec", "1",
+           "--only-summary"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "did not list a model within 1 s" in p.stderr and "Connection refused" in p.stderr
