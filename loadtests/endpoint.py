@@ -36,11 +36,10 @@ def wait_for_model(host: str, model: str | None, headers: dict[str, str], timeou
     while True:
         try:
             r = httpx.get(url, headers=headers, timeout=10)
-            if r.status_code in (401, 403):
-                raise EndpointNotReady(f"GET {url} answered {r.status_code}: pass the gateway's key with "
-                                       f"--api-key or OPENAI_API_KEY ({r.text[:200]})")
-            if 400 <= r.status_code < 500:
-                raise EndpointNotReady(f"GET {url} answered {r.status_code}: {r.text[:200]}")
+            if 400 <= r.status_code < 500:  # the client's fault: waiting will not mend it
+                hint = "pass the gateway's key with --api-key or OPENAI_API_KEY " if r.status_code in (401, 403) \
+                    else ""
+                raise EndpointNotReady(f"GET {url} answered {r.status_code}: {hint}({r.text[:200]})")
             if r.status_code == 200:
                 data = r.json().get("data") or []
                 ids = [m.get("id") for m in data]

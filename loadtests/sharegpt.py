@@ -37,10 +37,10 @@ from locust import User, events, task
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from loadtests.endpoint import EndpointNotReady, wait_for_model  # noqa: E402
 from loadtests.metrics import RequestResult, calculate_metrics, parse_goodput, result_json  # noqa: E402
 from loadtests.plan import PlanSpec, make_plan, split_for_worker  # noqa: E402
 from loadtests.report import summary_table, write_json, write_png  # noqa: E402
-from loadtests.endpoint import EndpointNotReady, wait_for_model  # noqa: E402
 from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa: E402
 
 
@@ -105,7 +105,6 @@ class ShareGPTDriver(User):
     @task
     def drive(self):
         """Run the plan; on any error print it, set Locust's exit code to 1 and stop (never hang)."""
-        env = self.environment
         try:
             self._drive()
         except gevent.GreenletExit:
@@ -115,8 +114,8 @@ class ShareGPTDriver(User):
                 import traceback
                 traceback.print_exc(file=sys.stderr)
             print(f"[sharegpt] error: {e}", file=sys.stderr, flush=True)
-            env.process_exit_code = 1
-            env.runner.quit()
+            self.environment.process_exit_code = 1
+            self.environment.runner.quit()
             raise gevent.GreenletExit() from None
 
     def _drive(self):
