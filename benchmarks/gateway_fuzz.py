@@ -6,7 +6,14 @@ replacing, dropping or adding fields with arbitrary JSON values, sent to the
 gateway's routes with arbitrary end-to-end and hop-by-hop headers; (2)
 arbitrary bytes, sent as JSON bodies; (3) malformed HTTP on a raw socket
 (junk request lines, bad header syntax, bad chunked framing, a wrong
-Content-Length). Each answer is classified:
+Content-Length); (4) request targets sent as-is (``curl --path-as-is``):
+dot segments, percent-encoded dots and slashes, double encoding, ``;``
+parameters, absolute-form targets, very long paths, mixed with vLLM's
+routes the gateway does not expose (``/sleep``, ``/reset_prefix_cache``...).
+For (4) the replica's own access log (vLLM's uvicorn, in the gateway's log)
+lists every path that reached it: each must be on the gateway's allowlist
+(plus the gateway's own ``/health``, ``/metrics`` and ``/v1/models`` GETs).
+Each answer is classified:
 
 * 5xx from the gateway: its own error types (``BadGatewayError``,
   ``GatewayTimeoutError``, ``ServiceUnavailableError``) or a non-JSON 500;
@@ -15,12 +22,13 @@ Content-Length). Each answer is classified:
 
 Then the gateway must still serve a plain request.
 
-    python benchmarks/gateway_fuzz.py --examples 2000 --raw 300
+    python benchmarks/gateway_fuzz.py --examples 2000 --raw 300 --targets 2000
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 from collections import Counter
 
@@ -29,6 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _common import MODEL, PROFILE, start_gateway, wait_healthy
+from gateway.guard import FORWARDED_ROUTES
 
 GATEWAY_TYPES = {"BadGatewayError", "GatewayTimeoutError", "ServiceUnavailableError"}
 PATHS = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/v1/responses",
@@ -77,6 +86,16 @@ RAW_TEMPLATES = [
 ]
 
 
+TARGET_SEGMENTS = ["v1", "chat", "completions", "embeddings", "tokenize", "responses", "models", "sleep", "wake_up",
+                   "reset_prefix_cache", "collective_rpc", "pause", "metrics", "load_lora_adapter", "start_profile",
+                   "..", ".", "", "%2e%2e", "%2E%2e", "%2e", ".%2e", "%2f", "%2F..", "%252e%252e", "%5c", "%00",
+                   "a;b=1", ";", "\\..", "..\\", "%c0%ae%c0%ae", "\u2025", "x" * 700, "~", "v1%2fchat", "*"]
+TARGET_PREFIXES = ["", "", "", "http://gw", "http://127.0.0.1:1", "//evil", "https://x:443"]
+TARGET_QUERIES = ["", "", "?a=1", "?x=%2e%2e/../y", "?q=%zz", "?a=1#frag", "?\x01"]
+#: Paths the gateway itself sends to a replica (health checks, model list, metric scrapes).
+OWN_PATHS = {"/health", "/metrics", "/v1/models"}
+
+
 def classify(status: int, body: bytes, counts: Counter, examples: dict, sent=None) -> None:
     if status < 500:
         if status >= 300:
@@ -95,8 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=2000, help="generated HTTP requests (bodies + headers)")
     ap.add_argument("--raw", type=int, default=300, help="malformed raw-socket requests")
+    ap.add_argument("--targets", type=int, default=2000, help="raw request targets sent as-is (path rule)")
     a = ap.parse_args()
-    url, gw, _ = start_gateway("fuzz", f'header_timeout_s = 2.0\nbody_timeout_s = 3.0\n[[backends]]\nname = "emu"\n'
+    url, gw, log = start_gateway("fuzz", f'header_timeout_s = 2.0\nbody_timeout_s = 3.0\n[[backends]]\nname = "emu"\n'
                                        f'model = "{MODEL}"\nmode = "emulate"\nprofile = "{PROFILE}"\n'
                                        'max_model_len = 2048\n')
     port = int(url.rsplit(":", 1)[1])
@@ -147,8 +167,31 @@ def main() -> None:
             else:
                 counts[f"raw: {data[9:12].decode(errors='replace')}"] += 1
 
+        @settings(max_examples=a.targets, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(prefix=st.sampled_from(TARGET_PREFIXES), segs=st.lists(st.sampled_from(TARGET_SEGMENTS), max_size=12),
+               query=st.sampled_from(TARGET_QUERIES), trailing=st.booleans(),
+               method=st.sampled_from([b"POST", b"POST", b"GET", b"PUT", b"DELETE"]))
+        def target_case(prefix, segs, query, trailing, method):
+            counts["targets"] += 1
+            target = (prefix + "/" + "/".join(segs) + ("/" if trailing else "") + query).encode("utf-8")
+            body = json.dumps({"model": MODEL, "prompt": "t", "max_tokens": 1}).encode()
+            s = socket.create_connection(("127.0.0.1", port))
+            s.settimeout(30)
+            s.sendall(b"%s %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (method, target, len(body), body))
+            data = b""
+            try:
+                while chunk := s.recv(65536):
+                    data += chunk
+            except (socket.timeout, ConnectionResetError):
+                pass
+            s.close()
+            status = data[9:12].decode(errors="replace") if data.startswith(b"HTTP/1.1 ") else "no answer"
+            counts[f"target: {status}"] += 1
+
         http_case()
         raw_case()
+        target_case()
         after = client.post(url + "/v1/completions", json={"model": MODEL, "prompt": "after", "max_tokens": 2})
         alive = gw.poll() is None
     finally:
@@ -160,6 +203,13 @@ def main() -> None:
     for k, v in examples.items():
         print(f"  e.g. {k}: {v}")
     print(f"gateway afterwards: process {'running' if alive else 'GONE'}, a plain request -> {after.status_code}")
+    # what reached the replica: vLLM's uvicorn access log lines, prefixed with the replica's name
+    seen = Counter(m.split("?", 1)[0] for m in re.findall(r'\[emu/0\] .*"[A-Z]+ (\S+) HTTP/1\.1" \d+',
+                                                          log.read_text(errors="replace")))
+    outside = {p: n for p, n in seen.items() if p not in FORWARDED_ROUTES | OWN_PATHS}
+    print(f"paths the replica received ({sum(seen.values())} requests): " +
+          ", ".join(f"{p} x{n}" for p, n in sorted(seen.items())))
+    print(f"  outside the allowlist: {sum(outside.values())} {outside or ''}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ its latencies are no longer the GPU's. This module makes that visible:
   (:class:`LatenessStats`) in a small memory-mapped file named after the
   API-server process (the engine core's parent): float64 ``[count per bucket
   (len(BUCKETS_S) + 1), sum_s, count, max_s]``, updated in place per step (no
-  system call on the step path), read at scrape time;
+  system call on the step path), read at scrape time. The file (mode 0600)
+  lives in a private directory (mode 0700, :func:`runtime_dir`): the
+  gateway's runtime directory (``EMUGATE_RUNTIME_DIR``) or, for a server
+  started on its own, one the API server makes and removes on exit;
 * the platform plugin, loaded in the API-server process too, registers
   :class:`LatenessCollector` in prometheus_client's default registry, so vLLM's
   own ``/metrics`` serves ``emugate:step_lateness_seconds`` (a histogram) next to
@@ -27,6 +30,7 @@ import atexit
 import bisect
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -43,9 +47,42 @@ WARN_EVERY_S = 10.0
 METRIC = "emugate:step_lateness_seconds"
 
 
-def stats_path(api_server_pid: int) -> Path:
-    """The stats file of the vLLM server whose API-server process has this pid."""
-    return Path(tempfile.gettempdir()) / f"emugate-lateness-{api_server_pid}.f64"
+RUNTIME_ENV = "EMUGATE_RUNTIME_DIR"
+
+
+def runtime_dir(create: bool = False) -> Path | None:
+    """The private directory of this server's runtime files (``$EMUGATE_RUNTIME_DIR``).
+
+    With ``create`` (the API server, before it starts the engine core) and no
+    such directory, make one (``mkdtemp``: mode 0700), export it in the
+    environment so the engine core inherits it, and remove it on exit.
+    """
+    d = os.environ.get(RUNTIME_ENV)
+    if d and os.path.isdir(d):
+        return Path(d)
+    if not create:
+        return None
+    d = tempfile.mkdtemp(prefix="emugate-")
+    os.environ[RUNTIME_ENV] = d
+    atexit.register(shutil.rmtree, d, True)
+    return Path(d)
+
+
+def stats_path(api_server_pid: int) -> Path | None:
+    """The stats file of the vLLM server whose API-server process has this pid (None: no runtime dir)."""
+    d = runtime_dir()
+    return None if d is None else d / f"lateness-{api_server_pid}.f64"
+
+
+def _private_memmap(path: Path) -> np.memmap:
+    """``path`` created or truncated with mode 0600 (never following a symlink), mapped as the stats array."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, _SLOTS * 8)
+        with os.fdopen(fd, "r+b", closefd=False) as f:
+            return np.memmap(f, dtype="<f8", mode="r+", shape=(_SLOTS,))
+    finally:
+        os.close(fd)
 
 
 _SLOTS = len(BUCKETS_S) + 1 + 3  # bucket counts, sum_s, count, max_s
@@ -72,7 +109,7 @@ class LatenessStats:
         self._v = np.zeros(_SLOTS)
         if path is not None:
             try:
-                self._v = np.memmap(path, dtype="<f8", mode="w+", shape=(_SLOTS,))
+                self._v = _private_memmap(path)
             except OSError as e:  # a full or read-only tmp must not stop the engine
                 logger.debug("emugate: lateness stats file unavailable: %s", e)
                 self.path = None
@@ -178,6 +215,7 @@ def register_collector() -> None:
         return
     try:
         from prometheus_client import REGISTRY
+        runtime_dir(create=True)
         path = stats_path(os.getpid())
         REGISTRY.register(LatenessCollector(path))
         # the engine core is often killed with its process group before its executor's

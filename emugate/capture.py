@@ -222,6 +222,29 @@ def capture_start(backend: BackendConfig, trace: Path, plan: SweepPlan, log_file
     return n_warm, lens
 
 
+#: vLLM arguments whose value is a secret (their values are never written into a profile).
+_SECRET_ARGS = ("--api-key", "--hf-token", "--ssl-keyfile")
+
+
+def shareable_backend(backend: BackendConfig) -> dict:
+    """The backend's settings as a profile header may carry them (profiles are meant to be shared):
+    ``env`` as its variable names only (``env_names``), and the values of secret vLLM arguments
+    (:data:`_SECRET_ARGS`) in ``extra_args`` replaced by ``"<redacted>"``."""
+    d = backend.model_dump(exclude={"env"})
+    d["env_names"] = sorted(backend.env)
+    args, out = list(backend.extra_args), []
+    for i, a in enumerate(args):
+        name = a.split("=", 1)[0]
+        if name in _SECRET_ARGS and "=" in a:
+            out.append(f"{name}=<redacted>")
+        elif i > 0 and args[i - 1] in _SECRET_ARGS:
+            out.append("<redacted>")
+        else:
+            out.append(a)
+    d["extra_args"] = out
+    return d
+
+
 def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
             warmup_steps: int | None = None, log_file: str | Path | None = None, starts: int = 1) -> Profile:
     """Start ``backend`` (mode real) with the ProfilingExecutor, warm up, sweep, stop it; ``starts`` times
@@ -259,7 +282,7 @@ def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str
         lens += lens_k
     prof = build_profile(traces, warmup_steps=warm, output_lengths=lens or None,
                          meta={"capture": {"plan": plan.__dict__, "starts": starts,
-                                           "backend": backend.model_dump()}})
+                                           "backend": shareable_backend(backend)}})
     prof.save(out)
     print(f"[capture] {prof.num_steps} steps from {starts} server start(s) -> {out} "
           f"({out.stat().st_size / 1024:.0f} KiB)")

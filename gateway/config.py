@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,8 @@ class GatewaySettings(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth "
+                                      "(held as secrets: never logged, echoed or shown in repr)")
     api_keys_env: str | None = Field(None, description="environment variable holding more keys (comma-separated)")
     api_keys_file: str | None = Field(None, description="file holding more keys, one per line ('#' comments)")
     metrics_require_key: bool = Field(True, description="with keys set, /metrics needs one too")
@@ -51,12 +52,15 @@ class GatewaySettings(_Strict):
                                                               "is stopped and marked failed")
     max_start_failures: int = Field(3, ge=1, description="a replica that exits this many times in a row "
                                                          "without becoming ready is marked failed")
-    queue_limit: int = Field(0, ge=0, description="max in-flight requests through the gateway; 0: unlimited")
+    queue_limit: int = Field(0, ge=0, description="max requests in flight through the gateway, counted from "
+                                                  "arrival (before the body is read); more get 429; 0: unlimited")
+    max_concurrency_per_key: int = Field(0, ge=0, description="max requests in flight per client key, counted "
+                                                              "from arrival; more get 429; 0: unlimited")
     metrics_poll_s: float = Field(1.0, gt=0, description="how often backends' /metrics are read (kv_aware)")
     log_requests: bool = False
 
-    def resolved_api_keys(self) -> list[str]:
-        """Every accepted key: ``api_keys`` plus those in ``api_keys_env`` and ``api_keys_file``.
+    def resolved_api_keys(self) -> list[SecretStr]:
+        """Every accepted key (as secrets): ``api_keys`` plus those in ``api_keys_env`` and ``api_keys_file``.
 
         Raises:
             ConfigError: the variable is unset or empty, or the file cannot be read.
@@ -64,7 +68,7 @@ class GatewaySettings(_Strict):
         keys = list(self.api_keys)
         if self.api_keys_env:
             val = os.environ.get(self.api_keys_env, "")
-            more = [k.strip() for k in val.split(",") if k.strip()]
+            more = [SecretStr(k.strip()) for k in val.split(",") if k.strip()]
             if not more:
                 raise ConfigError(f"gateway.api_keys_env: the environment variable {self.api_keys_env} "
                                   "is unset or empty (set it to one or more comma-separated keys)")
@@ -74,7 +78,7 @@ class GatewaySettings(_Strict):
                 lines = Path(self.api_keys_file).expanduser().read_text().splitlines()
             except OSError as e:
                 raise ConfigError(f"gateway.api_keys_file: cannot read {self.api_keys_file}: {e.strerror}") from None
-            more = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            more = [SecretStr(ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
             if not more:
                 raise ConfigError(f"gateway.api_keys_file: {self.api_keys_file} holds no key")
             keys += more
@@ -103,7 +107,8 @@ class BackendConfig(_Strict):
     load_format: str | None = Field(None, description="real: e.g. 'dummy' for random weights")
     dtype: str | None = None
     extra_args: list[str] = Field(default_factory=list, description="appended to vLLM's command line")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of this backend's "
+                                "replicas (values are never echoed in errors nor written into profiles)")
 
     @field_validator("ports")
     @classmethod
@@ -171,8 +176,17 @@ def _loc(loc: tuple) -> str:
     return out or "(file)"
 
 
+def _secret_loc(loc: tuple) -> bool:
+    """Whether a config location holds a secret (a key, an environment value): its value is never echoed."""
+    return (len(loc) >= 2 and loc[0] == "gateway" and str(loc[1]).startswith("api_keys")) or \
+        (len(loc) >= 3 and loc[0] == "backends" and loc[2] == "env")
+
+
 def parse_config(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document.
+
+    Error messages quote a bad value, except where it may be a secret
+    (``api_keys*``, a backend's ``env``).
 
     Raises:
         ConfigError: one line per problem, ``source: key.path: message``.
@@ -185,7 +199,8 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (see config.example.toml for the keys)"
-            elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict) \
+                    and not _secret_loc(err["loc"]):
                 msg += f" (got {err['input']!r})"
             lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
         raise ConfigError("\n".join(lines)) from None

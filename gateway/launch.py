@@ -58,21 +58,60 @@ def resolve_model(model: str) -> str:
         return model
 
 
-def vllm_command(b: BackendConfig, port: int, replica: int = 0, host: str = "127.0.0.1",
-                 api_key: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) for replica ``replica`` of backend ``b`` listening on ``host:port``.
+#: What a replica inherits from the gateway's environment: these names, and names with these prefixes
+#: (locale, paths, certificates and proxies; vLLM, Hugging Face, CUDA/NCCL, OpenMP and torch settings).
+#: Nothing else of the gateway's environment reaches a replica (its client keys above all).
+INHERITED_ENV = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "SHELL", "PYTHONPATH",
+    "PYTHONHASHSEED", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD", "SSL_CERT_FILE",
+    "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+    "https_proxy", "no_proxy", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "EMUGATE_LATE_WARN_MS",
+})
+INHERITED_ENV_PREFIXES = ("LC_", "VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_", "CUDA_", "NCCL_",
+                          "NVIDIA_", "OMP_", "MKL_", "KMP_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "PYTORCH_")
 
-    ``api_key``: the replica's own key (``VLLM_API_KEY``, read by vLLM's
-    authentication middleware; in the environment rather than argv so that
-    ``ps`` does not show it). vLLM then refuses its ``/v1`` routes without it.
+
+def replica_env(withhold: set[str] | frozenset[str] = frozenset(),
+                source: dict[str, str] | None = None) -> dict[str, str]:
+    """The base environment of a replica: the allowlisted part of ``source`` (default ``os.environ``;
+    :data:`INHERITED_ENV` and :data:`INHERITED_ENV_PREFIXES`), minus ``withhold`` (the variable holding
+    the gateway's client keys) and ``VLLM_API_KEY``. :func:`vllm_command` adds the backend's own settings.
+    """
+    src = os.environ if source is None else source
+    env = {k: v for k, v in src.items()
+           if (k in INHERITED_ENV or k.startswith(INHERITED_ENV_PREFIXES)) and k not in withhold}
+    env.pop("VLLM_API_KEY", None)
+    return env
+
+
+def vllm_command(b: BackendConfig, port: int | None, replica: int = 0, host: str = "127.0.0.1",
+                 api_key: str | None = None, uds: str | None = None,
+                 withhold_env: set[str] | frozenset[str] = frozenset(),
+                 runtime_dir: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) for replica ``replica`` of backend ``b``.
+
+    Args:
+        port, host: where it listens over TCP (ignored with ``uds``).
+        uds: a Unix socket path to listen on instead (vLLM's ``--uds``); the
+            gateway puts it in its private runtime directory (mode 0700), so
+            no other local user reaches any of the replica's routes.
+        api_key: the replica's own key (``VLLM_API_KEY``, read by vLLM's
+            authentication middleware; in the environment rather than argv so
+            that ``ps`` does not show it). vLLM then refuses its ``/v1``
+            routes without it.
+        withhold_env: variable names never passed on (``api_keys_env``).
+        runtime_dir: the gateway's private directory, passed on as
+            ``EMUGATE_RUNTIME_DIR`` (the emulated engine's lateness file lives there).
+
+    The environment is :func:`replica_env`: an allowlist, not a copy of the gateway's.
 
     Raises:
         FileNotFoundError: an emulate backend's profile cannot be found.
     """
     model = resolve_model(b.model)
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", model, "--served-model-name", b.model_name,
-            "--host", host, "--port", str(port)]
+            "--model", model, "--served-model-name", b.model_name]
+    argv += ["--uds", uds] if uds else ["--host", host, "--port", str(port)]
     tok_mode = b.tokenizer_mode
     if tok_mode is None and (Path(model) / "tekken.json").exists():
         tok_mode = "mistral"
@@ -84,7 +123,11 @@ def vllm_command(b: BackendConfig, port: int, replica: int = 0, host: str = "127
         argv += ["--tensor-parallel-size", str(b.tensor_parallel_size)]
     if b.dtype:
         argv += ["--dtype", b.dtype]
-    env = {k: v for k, v in os.environ.items() if k not in _EMU_ENV and k != "EMUGATE_TRACE"}
+    env = replica_env(withhold_env)
+    for k in (*_EMU_ENV, "EMUGATE_TRACE", "EMUGATE_RUNTIME_DIR"):
+        env.pop(k, None)
+    if runtime_dir:
+        env["EMUGATE_RUNTIME_DIR"] = runtime_dir
     if Path(model).is_dir():
         env.setdefault("HF_HUB_OFFLINE", "1")
     if b.mode == "emulate":

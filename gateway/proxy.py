@@ -17,20 +17,25 @@ Routes:
 
 Security boundary:
 
-* Keys: with ``api_keys`` (or ``api_keys_env``/``api_keys_file``) set, every
-  ``/v1`` route, every model path and, unless ``metrics_require_key = false``,
-  ``/metrics`` need ``Authorization: Bearer <key>`` (scheme case-insensitive;
-  compared as SHA-256 digests with :func:`hmac.compare_digest` against every
-  key, so the time does not depend on where a guess differs). ``/health`` and
-  ``/ready`` stay open for probes. The client's ``Authorization`` is never
-  forwarded: each replica has its own generated key (the supervisor's), sent
-  by the gateway alone.
+* Path rule, keys and the route allowlist: :class:`gateway.guard.Guard`, the
+  one middleware every request passes (400 for dot segments, encoded
+  characters and empty segments; 401 without a key; only
+  :data:`gateway.guard.FORWARDED_ROUTES` reach a replica). The client's
+  ``Authorization`` is never forwarded: each replica has its own generated
+  key (the supervisor's), sent by the gateway alone.
+* Admission: ``queue_limit`` (requests in flight through the gateway) and
+  ``max_concurrency_per_key`` are checked when a request arrives, before its
+  body is read, so refused uploads never land in memory; 429 with
+  ``Retry-After``.
 * Input: bodies over ``max_body_bytes`` get 413 (from ``Content-Length``
   before reading, else while reading); headers not complete within
   ``header_timeout_s`` and bodies not complete within ``body_timeout_s`` get
-  408 (:mod:`gateway.server`); bodies over 256 KiB are parsed in a worker
-  thread, and nesting too deep for the parser is a 400, not a 500. Every
-  error the gateway itself writes is OpenAI's error JSON naming the request id.
+  408 (:mod:`gateway.server`). The body is parsed only for what routing needs
+  (``model``; the prompt under ``prefix_affinity``) with msgspec, which
+  validates the whole document but builds no objects for the rest; invalid
+  JSON or UTF-8 and nesting too deep for the parser are a 400, not a 500.
+  Every error the gateway itself writes is OpenAI's error JSON naming the
+  request id.
 * Isolation: the hop to the replica is aiohttp (:mod:`gateway.upstream`): 1xx
   interim responses are skipped, ``Expect`` and hop-by-hop headers are not
   forwarded, and a connection goes back to the pool only after its whole
@@ -58,48 +63,35 @@ failure ends a stream with an SSE ``error`` event in OpenAI's error shape.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
-import hashlib
-import hmac
-import json
 import logging
-import re
 import time
-import uuid
 from typing import Any, Callable
 
 import aiohttp
+import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from yarl import URL
 
 from gateway.config import Config
+from gateway.errors import error_body, request_id
+from gateway.guard import FORWARDED_ROUTES, ApiKeys, Guard
 from gateway.metrics import GatewayMetrics, merge_vllm_metrics, scrape_value
 from gateway.routing import affinity_key, pick
 from gateway.supervisor import Replica, Supervisor
-from gateway.upstream import forward_headers, http_chunks, make_session, response_headers
+from gateway.upstream import forward_headers, http_chunks, response_headers
 
 log = logging.getLogger("emugate.proxy")
 
-MODEL_PATHS = ("/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify", "/invocations")
 #: Bodies larger than this (bytes) are parsed in a worker thread, off the event loop.
 PARSE_OFF_LOOP_BYTES = 256 * 1024
-_RID_OK = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-
-
-def error_body(message: str, type_: str, code: int | str, param: str | None = None,
-               request_id: str | None = None) -> bytes:
-    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}; the request id ends the message."""
-    if request_id:
-        message = f"{message} (request id {request_id})"
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
-
-
-#: The 401 text, for the forwarding route and the gateway's own routes alike.
-AUTH_MESSAGE = ("Invalid or missing API key: send `Authorization: Bearer <key>` with a key from the gateway "
-                "config's [gateway] api_keys")
+#: Timeout of the gateway's own GETs to a replica (model list, metric scrapes).
+SCRAPE_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 def error_response(request: Request, status: int, message: str, type_: str, code: int | str | None = None,
@@ -108,43 +100,6 @@ def error_response(request: Request, status: int, message: str, type_: str, code
     rid = request_id(request.scope["headers"]).decode()
     return Response(error_body(message, type_, status if code is None else code, param, rid), status,
                     media_type="application/json", headers={**(headers or {}), "x-request-id": rid})
-
-
-def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The client's ``X-Request-Id`` if well-formed (1-128 of ``[A-Za-z0-9._:-]``), else a new uuid4 hex."""
-    for k, v in headers:
-        if k == b"x-request-id" and _RID_OK.fullmatch(v):
-            return v
-    return uuid.uuid4().hex.encode()
-
-
-class ApiKeys:
-    """The accepted client keys, checked in constant time.
-
-    Each key is kept as its SHA-256 digest; a presented token is hashed and
-    compared with :func:`hmac.compare_digest` against every digest, with no
-    early exit, so timing reveals neither which key nor which byte differs
-    (the scheme vLLM's own middleware uses: vllm/entrypoints/serve/middleware/
-    authenticate.py).
-    """
-
-    def __init__(self, keys: list[str]) -> None:
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    def __bool__(self) -> bool:
-        return bool(self._digests)
-
-    def check(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """True when ``Authorization: Bearer <key>`` (scheme case-insensitive) names an accepted key."""
-        value = next((v for k, v in headers if k == b"authorization"), b"")
-        scheme, _, token = value.strip().partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        digest = hashlib.sha256(token.strip()).digest()
-        ok = False
-        for d in self._digests:
-            ok |= hmac.compare_digest(digest, d)
-        return ok
 
 
 class _Reject(Exception):
@@ -165,14 +120,60 @@ class _ClientGone(Exception):
     """The client disconnected while the gateway was reading its request."""
 
 
-def _parse_json(body: bytes) -> Any:
-    """``json.loads`` that raises :class:`_Reject` (400) for invalid, non-UTF-8 or too deeply nested JSON."""
+class _Peek(msgspec.Struct):
+    """What routing reads of a request body; msgspec validates the rest of the document but builds nothing."""
+
+    model: Any = None
+
+
+class _PeekAffinity(msgspec.Struct):
+    """What the affinity policies read as well (:func:`gateway.routing.affinity_key`)."""
+
+    model: Any = None
+    user: Any = None
+    messages: Any = None
+    prompt: Any = None
+
+
+_PEEK = msgspec.json.Decoder(_Peek)
+_PEEK_AFFINITY = msgspec.json.Decoder(_PeekAffinity)
+_UTF8_SLICE = 1 << 20
+
+
+def _utf8_ok(body: bytes | bytearray) -> bool:
+    """Whether ``body`` is valid UTF-8, checked in 1 MiB slices (never a whole decoded copy)."""
+    if body.isascii():
+        return True
+    dec = codecs.getincrementaldecoder("utf-8")()
+    mv = memoryview(body)
     try:
-        return json.loads(body)
+        for i in range(0, len(mv), _UTF8_SLICE):
+            dec.decode(mv[i:i + _UTF8_SLICE])
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _peek(body: bytes | bytearray, affinity: bool) -> Any:
+    """The body's routing fields (a msgspec Struct), or None when the top level is not a JSON object.
+
+    Raises:
+        _Reject: 400 for invalid JSON or UTF-8, or nesting too deep to parse.
+    """
+    try:
+        try:
+            doc = (_PEEK_AFFINITY if affinity else _PEEK).decode(body)
+        except msgspec.ValidationError:  # the top level is not an object: the whole document still has to parse
+            msgspec.json.decode(body)
+            doc = None  # valid JSON, not an object: vLLM answers it (routed to the only model, if one)
     except RecursionError:
         raise _Reject(400, "The request body nests JSON too deeply to parse", "BadRequestError") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except msgspec.DecodeError as e:
         raise _Reject(400, f"The request body is not valid JSON: {e}", "BadRequestError") from None
+    if not _utf8_ok(body):
+        raise _Reject(400, "The request body is not valid UTF-8", "BadRequestError")
+    return doc
 
 
 class _Exchange:
@@ -210,7 +211,12 @@ async def _until_disconnect(receive) -> None:
 
 
 class Forwarder:
-    """ASGI endpoint that forwards one request to a replica of its model."""
+    """ASGI endpoint that forwards one request to a replica of its model.
+
+    Reached only through :class:`gateway.guard.Guard` (path rule and key
+    already checked, ``scope["path"]`` normalized, ``scope["emugate.key"]``
+    the client key's index when keys are configured).
+    """
 
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
@@ -221,42 +227,53 @@ class Forwarder:
         t_deadline = asyncio.get_running_loop().time() + gw.config.gateway.request_timeout_s
         headers = scope["headers"]
         rid = request_id(headers)
-        rid_s = rid.decode()
         rid_hdr = [(b"x-request-id", rid)]
         ex = _Exchange(send)
+        # admission, before a byte of the body is read
+        key = scope.get("emugate.key")
+        refused = gw.admit(key)
+        if refused:
+            gw.metrics.errors.labels("-", "queue_full").inc()
+            return await ex.json(429, error_body(refused, "RateLimitError", 429, request_id=rid.decode()),
+                                 [(b"retry-after", b"1")] + rid_hdr)
         try:
-            if gw.api_keys and not gw.api_keys.check(headers):
-                raise _Reject(401, AUTH_MESSAGE, "authentication_error", kind="auth", code="invalid_api_key")
+            await self._handle(ex, scope, receive, headers, rid, t_recv, t_deadline)
+        finally:
+            gw.release(key)
+
+    async def _handle(self, ex: _Exchange, scope, receive, headers, rid: bytes, t_recv: float,
+                      t_deadline: float) -> None:
+        gw = self.gw
+        rid_s = rid.decode()
+        affinity = gw.routing in ("prefix_affinity", "session_affinity")
+        try:
             body = await self._read_body(receive, headers)
-            data: Any = None
+            doc: Any = None
             if body:
                 if len(body) > PARSE_OFF_LOOP_BYTES:
-                    data = await asyncio.to_thread(_parse_json, body)
+                    doc = await asyncio.to_thread(_peek, body, affinity)
                 else:
-                    data = _parse_json(body)
-            model, replicas = self._route(data)
+                    doc = _peek(body, affinity)
+            model, replicas = self._route(doc)
         except _ClientGone:
             gw.metrics.errors.labels("-", "client_disconnect").inc()
             return
         except _Reject as r:
             gw.metrics.errors.labels("-", r.kind).inc()
-            return await ex.json(r.status, error_body(r.message, r.type, r.code, r.param, rid_s), r.headers + rid_hdr)
+            return await ex.json(r.status, error_body(r.message, r.type, r.code, r.param, rid_s),
+                                 r.headers + [(b"x-request-id", rid)])
         backend = replicas[0].backend.name
-        if gw.queue_limit and gw.in_flight >= gw.queue_limit:
-            gw.metrics.errors.labels(backend, "queue_full").inc()
-            return await ex.json(429, error_body(
-                f"The gateway has {gw.in_flight} requests in flight (queue_limit {gw.queue_limit}); retry later",
-                "RateLimitError", 429, request_id=rid_s), [(b"retry-after", b"1")] + rid_hdr)
         hdrs = forward_headers(headers)
         key = None
-        if gw.routing in ("prefix_affinity", "session_affinity"):
+        if affinity:
             hmap = {k.decode(): v.decode(errors="replace") for k, v in hdrs}
-            key = affinity_key(gw.routing, data if isinstance(data, dict) else None, hmap)
-        path = scope["raw_path"].decode() if scope.get("raw_path") else scope["path"]
-        if scope.get("query_string") and "?" not in path:
-            path += "?" + scope["query_string"].decode()
+            fields = None if doc is None else {"user": doc.user, "messages": doc.messages, "prompt": doc.prompt}
+            key = affinity_key(gw.routing, fields, hmap)
+        del doc
+        path = scope["path"]  # normalized by the Guard; forwarded as it is
+        if scope.get("query_string"):
+            path += "?" + scope["query_string"].decode("ascii")
         series = gw.children(backend)
-        gw.in_flight += 1
         series.in_flight.inc()
         # one watcher per request: a disconnect cancels this task, which closes the upstream connection
         task = asyncio.current_task()
@@ -288,11 +305,13 @@ class Forwarder:
             log.info("request %s: client disconnected; upstream request cancelled", rid_s)
         finally:
             watcher.cancel()
-            gw.in_flight -= 1
             series.in_flight.dec()
 
-    async def _read_body(self, receive, headers) -> bytes:
+    async def _read_body(self, receive, headers) -> bytearray | bytes:
         """The whole request body within ``max_body_bytes`` and ``body_timeout_s``.
+
+        One buffer, sized from ``Content-Length`` when declared, so a body
+        costs its own size in memory once.
 
         Raises:
             _Reject: 413 (too large; decided from Content-Length before
@@ -305,8 +324,7 @@ class Forwarder:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _Reject(413, f"The request body is {int(declared)} bytes; this gateway accepts at most {limit} "
                                "(max_body_bytes)", "invalid_request_error", kind="too_large")
-        chunks: list[bytes] = []
-        n = 0
+        buf: bytearray | None = None
         try:
             async with asyncio.timeout(g.body_timeout_s):
                 while True:
@@ -314,21 +332,25 @@ class Forwarder:
                     if msg["type"] == "http.disconnect":
                         raise _ClientGone
                     b = msg.get("body", b"")
-                    n += len(b)
-                    if n > limit:
+                    more = msg.get("more_body", False)
+                    if buf is None:
+                        if not more:
+                            return b  # the common case: one message, no copy
+                        buf = bytearray()
+                    if len(buf) + len(b) > limit:
                         raise _Reject(413, f"The request body exceeds {limit} bytes (max_body_bytes)",
                                       "invalid_request_error", kind="too_large")
-                    if not msg.get("more_body", False):
-                        return b"".join(chunks) + b if chunks else b
-                    chunks.append(b)
+                    buf += b
+                    if not more:
+                        return buf
         except TimeoutError:
             raise _Reject(408, f"The request body did not arrive within body_timeout_s ({g.body_timeout_s:g} s)",
                           "invalid_request_error", kind="timeout", close=True) from None
 
-    def _route(self, data: Any) -> tuple[str, list[Replica]]:
-        """(model, its replicas) for a parsed body; raises :class:`_Reject` (400 / 404)."""
+    def _route(self, doc: Any) -> tuple[str, list[Replica]]:
+        """(model, its replicas) for a peeked body; raises :class:`_Reject` (400 / 404)."""
         reps = self.gw.supervisor.replicas
-        model = data.get("model") if isinstance(data, dict) else None
+        model = None if doc is None else doc.model
         if model is None:
             if len(reps) == 1:
                 model = next(iter(reps))
@@ -397,8 +419,10 @@ class Forwarder:
             up_headers.append(r.auth_header)
         t_sent = time.perf_counter()
         try:
-            resp = await gw.upstream.request(method, r.url + path, data=body, headers=up_headers,
-                                             allow_redirects=False, compress=None, chunked=None)
+            # the path passed the Guard's rule; encoded=True keeps yarl from re-normalizing it
+            resp = await gw.supervisor.sessions.get(r.uds).request(
+                method, URL(r.url + path, encoded=True), data=body, headers=up_headers, allow_redirects=False,
+                compress=None, chunked=None)
         except aiohttp.ClientConnectorError as e:
             gw.metrics.errors.labels(backend, "connect").inc()
             log.warning("request %s: %s unreachable (%s); trying another replica", rid_s, r.name, e)
@@ -487,7 +511,7 @@ class BackendSeries:
 
 
 class Gateway:
-    """Holds the supervisor, the upstream session and the counters the routes share.
+    """Holds the supervisor, the admission counters and the metrics the routes share.
 
     Args:
         config: the gateway config.
@@ -505,11 +529,33 @@ class Gateway:
         self.api_keys = ApiKeys(config.gateway.resolved_api_keys())
         self.routing = config.gateway.routing
         self.queue_limit = config.gateway.queue_limit
+        self.per_key_limit = config.gateway.max_concurrency_per_key
         self.in_flight = 0
+        self.key_in_flight: dict[int, int] = {}
         self._children: dict[str, BackendSeries] = {}
-        self.session: aiohttp.ClientSession | None = None
-        self.upstream: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task | None = None
+
+    def admit(self, key: int | None) -> str | None:
+        """Count a request in (``key``: the client key's index), or say why not (the 429 message).
+
+        Every admitted request must be :meth:`release` d once.
+        """
+        if self.queue_limit and self.in_flight >= self.queue_limit:
+            return (f"The gateway has {self.in_flight} requests in flight (queue_limit {self.queue_limit}); "
+                    "retry later")
+        if self.per_key_limit and key is not None and self.key_in_flight.get(key, 0) >= self.per_key_limit:
+            return (f"This API key has {self.per_key_limit} requests in flight (max_concurrency_per_key); "
+                    "retry later")
+        self.in_flight += 1
+        if key is not None:
+            self.key_in_flight[key] = self.key_in_flight.get(key, 0) + 1
+        return None
+
+    def release(self, key: int | None) -> None:
+        """Count an admitted request out."""
+        self.in_flight -= 1
+        if key is not None:
+            self.key_in_flight[key] -= 1
 
     def children(self, backend: str) -> "BackendSeries":
         """Per-backend metric children, resolved once (``labels()`` costs ~10 us a call)."""
@@ -519,10 +565,7 @@ class Gateway:
         return c
 
     async def startup(self) -> None:
-        """Open the upstream pool and start the replicas; returns at once (the gateway listens while they boot)."""
-        g = self.config.gateway
-        self.upstream = make_session(g.connect_timeout_s, g.idle_timeout_s)
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))  # scrapes only
+        """Start the replicas; returns at once (the gateway listens while they boot)."""
         await self.supervisor.start(wait=False)
         if self.routing == "kv_aware":
             self._poller = asyncio.create_task(self._poll_load())
@@ -531,13 +574,10 @@ class Gateway:
         if self._poller:
             self._poller.cancel()
         await self.supervisor.stop()
-        if self.upstream:
-            await self.upstream.close()
-        if self.session:
-            await self.session.close()
 
     async def _get(self, r: Replica, path: str) -> aiohttp.ClientResponse:
-        return await self.session.get(f"{r.url}{path}", headers=r.auth_headers())
+        return await self.supervisor.sessions.get(r.uds).get(f"{r.url}{path}", headers=r.auth_headers(),
+                                                              timeout=SCRAPE_TIMEOUT)
 
     async def _poll_load(self) -> None:
         while True:
@@ -551,13 +591,7 @@ class Gateway:
                     r.kv_usage = scrape_value(text, "vllm:kv_cache_usage_perc") or 0.0
             await asyncio.sleep(self.config.gateway.metrics_poll_s)
 
-    def _unauthorized(self, request: Request) -> Response | None:
-        if self.api_keys and not self.api_keys.check(request.scope["headers"]):
-            self.metrics.errors.labels("-", "auth").inc()
-            return error_response(request, 401, AUTH_MESSAGE, "authentication_error", "invalid_api_key")
-        return None
-
-    # ------------------------------------------------------------ routes
+    # ------------------------------------------------------------ routes (keys checked by the Guard)
     async def health(self, request: Request) -> Response:
         """Liveness: 200 while the gateway serves HTTP; the body lists each replica's state."""
         state = {m: [r.state for r in reps] for m, reps in self.supervisor.replicas.items()}
@@ -577,8 +611,7 @@ class Gateway:
                             status_code=200 if ok else 503, headers=None if ok else {"retry-after": "2"})
 
     async def models(self, request: Request) -> Response:
-        if (denied := self._unauthorized(request)) is not None:
-            return denied
+        """``GET /v1/models``: the union of every ready replica's model list."""
         seen: dict[str, dict] = {}
         for reps in self.supervisor.replicas.values():
             for r in reps:
@@ -592,9 +625,7 @@ class Gateway:
         return JSONResponse({"object": "list", "data": list(seen.values())})
 
     async def metrics_route(self, request: Request) -> Response:
-        if self.config.gateway.metrics_require_key and (denied := self._unauthorized(request)) is not None:
-            return denied
-
+        """``GET /metrics``: the gateway's own series and every ready replica's, labelled."""
         async def fetch(r: Replica) -> tuple[dict[str, str], str]:
             labels = {"backend": r.backend.name, "replica": str(r.index), "mode": r.backend.mode}
             try:
@@ -616,8 +647,9 @@ async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def create_app(config: Config, supervisor: Supervisor | None = None, launch: bool = True,
-               on_fatal: Callable[[str], None] | None = None) -> Starlette:
-    """The gateway ASGI app; its lifespan starts and stops the backends.
+               on_fatal: Callable[[str], None] | None = None) -> Guard:
+    """The gateway ASGI app: :class:`gateway.guard.Guard` in front of its routes; its lifespan starts and
+    stops the backends. ``app.gateway`` is the :class:`Gateway`.
 
     Raises:
         gateway.config.ConfigError: an ``api_keys_env``/``api_keys_file`` source is missing or empty.
@@ -638,9 +670,13 @@ def create_app(config: Config, supervisor: Supervisor | None = None, launch: boo
         Route("/ready", gw.ready, methods=["GET"]),
         Route("/metrics", gw.metrics_route, methods=["GET"]),
         Route("/v1/models", gw.models, methods=["GET"]),
-        Route("/v1/{rest:path}", fwd, methods=["POST"]),
-    ] + [Route(p, fwd, methods=["POST"]) for p in MODEL_PATHS]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={404: _openai_http_error, 405: _openai_http_error})
-    app.state.gateway = gw
+    ] + [Route(p, fwd, methods=["POST"]) for p in sorted(FORWARDED_ROUTES)]
+    inner = Starlette(routes=routes, lifespan=lifespan,
+                      exception_handlers={404: _openai_http_error, 405: _openai_http_error})
+    public = {(m, p) for p in ("/health", "/ready") for m in ("GET", "HEAD")}
+    if not config.gateway.metrics_require_key:
+        public |= {("GET", "/metrics"), ("HEAD", "/metrics")}
+    app = Guard(inner, gw.api_keys, public, fwd, on_reject=lambda kind: gw.metrics.errors.labels("-", kind).inc())
+    app.gateway = gw
+    inner.state.gateway = gw
     return app

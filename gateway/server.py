@@ -9,12 +9,32 @@ error JSON and the connection is closed. The body deadline
 (``body_timeout_s``) is enforced by the proxy, which reads the body.
 Between requests on a keep-alive connection uvicorn's own keep-alive timeout
 (5 s) applies.
+
+``HttpToolsProtocol`` is uvicorn's private class, so ``pyproject.toml`` pins
+uvicorn to the range it was tested with (:data:`TESTED_UVICORN`), and
+:func:`check_private_api` (run when the protocol is built, and by the unit
+tests) fails loudly, naming the version, if a method the subclass hooks moved.
 """
 from __future__ import annotations
 
 import json
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+#: uvicorn versions this subclass was tested with (keep in step with pyproject.toml).
+TESTED_UVICORN = ">=0.29,<0.55"
+#: What the subclass relies on: the methods it overrides (called by httptools/asyncio) and attributes it reads.
+HOOKED_METHODS = ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete")
+
+
+def check_private_api(cls: type = HttpToolsProtocol) -> None:
+    """Raise RuntimeError, naming uvicorn's version and :data:`TESTED_UVICORN`, if a hooked method is gone."""
+    missing = [m for m in HOOKED_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        raise RuntimeError(f"uvicorn {uvicorn.__version__}: HttpToolsProtocol no longer has {missing}; the gateway's "
+                           f"header deadline (gateway/server.py) was tested with uvicorn {TESTED_UVICORN}. Install "
+                           "a version in that range (pip install 'uvicorn[standard]" + TESTED_UVICORN + "').")
 
 
 def _408(header_timeout_s: float) -> bytes:
@@ -26,7 +46,12 @@ def _408(header_timeout_s: float) -> bytes:
 
 
 def deadline_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
-    """An ``HttpToolsProtocol`` subclass enforcing ``header_timeout_s`` (s); pass it as uvicorn's ``http``."""
+    """An ``HttpToolsProtocol`` subclass enforcing ``header_timeout_s`` (s); pass it as uvicorn's ``http``.
+
+    Raises:
+        RuntimeError: uvicorn's private protocol class changed (:func:`check_private_api`).
+    """
+    check_private_api()
     response = _408(header_timeout_s)
 
     class DeadlineHttpToolsProtocol(HttpToolsProtocol):

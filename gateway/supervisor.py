@@ -21,18 +21,31 @@ process group (SIGTERM, then SIGKILL after a grace period); the
 :class:`gateway.launch.Reaper` does the same if the gateway dies without
 stopping (SIGKILL included), so no vLLM process outlives the gateway.
 
-Each start of a replica gets a fresh random key (``VLLM_API_KEY``,
-:func:`secrets.token_urlsafe`, 32 bytes) that only the gateway holds, so no
-other process on the host reaches a replica's ``/v1`` routes around the
-gateway's keys and ``queue_limit``. Attached servers (``launch=False``) get
-no key.
+Isolation of the replicas it starts:
+
+* Each replica listens on a Unix socket (vLLM's ``--uds``) in the
+  supervisor's private runtime directory (``mkdtemp``: mode 0700, under
+  ``$XDG_RUNTIME_DIR`` when set, else the system temp directory), so no other
+  local user can connect to any of its routes (``/tokenize``, ``/metrics``,
+  ``/sleep``... included). A backend with ``ports`` listens on those loopback
+  ports instead (for ``--no-launch`` attachment and tools that need a port).
+* Each start of a replica gets a fresh random key (``VLLM_API_KEY``,
+  :func:`secrets.token_urlsafe`, 32 bytes) that only the gateway holds, so no
+  other process of this user reaches a replica's ``/v1`` routes around the
+  gateway's keys and ``queue_limit`` either. Attached servers
+  (``launch=False``) get no key.
+* A replica's environment is an allowlist (:func:`gateway.launch.replica_env`),
+  never the variable ``api_keys_env`` names.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -41,6 +54,7 @@ import aiohttp
 
 from gateway.config import BackendConfig, Config
 from gateway.launch import ServerProcess, free_port, vllm_command
+from gateway.upstream import SessionPool
 
 log = logging.getLogger("emugate.supervisor")
 
@@ -51,6 +65,7 @@ HEALTH_INTERVAL_S = 1.0
 HEALTH_FAILURES_DOWN = 3
 #: Grace (s) between SIGTERM and SIGKILL when a down replica is stopped for a restart.
 RESTART_GRACE_S = 5.0
+HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 @dataclass(eq=False)
@@ -59,8 +74,9 @@ class Replica:
 
     backend: BackendConfig
     index: int
-    port: int
+    port: int | None
     host: str = "127.0.0.1"
+    uds: str | None = None  # Unix socket path (then port is None)
     state: str = "starting"  # starting | ready | down | failed | stopped
     outstanding: int = 0
     restarts: int = 0
@@ -80,7 +96,13 @@ class Replica:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Base URL of the replica (for a Unix socket the host part is only the ``Host`` header)."""
+        return "http://localhost" if self.uds else f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """Where it listens, for log lines: ``unix:PATH`` or ``HOST:PORT``."""
+        return f"unix:{self.uds}" if self.uds else f"{self.host}:{self.port}"
 
     @property
     def ready(self) -> bool:
@@ -109,14 +131,22 @@ class Supervisor:
         self.log_stream = log_stream if log_stream is not None else sys.stderr
         self.on_fatal = on_fatal
         self.replicas: dict[str, list[Replica]] = {}
-        for b in config.backends:
+        self.runtime_dir: str | None = None
+        if launch and any(not b.ports for b in config.backends):
+            self.runtime_dir = tempfile.mkdtemp(prefix="emugate-", dir=os.environ.get("XDG_RUNTIME_DIR") or None)
+        g = config.gateway
+        self.sessions = SessionPool(g.connect_timeout_s, g.idle_timeout_s)
+        for bi, b in enumerate(config.backends):
             reps = []
             for i in range(b.replicas):
-                port = b.ports[i] if b.ports else free_port()
-                reps.append(Replica(b, i, port))
+                if b.ports:
+                    reps.append(Replica(b, i, b.ports[i]))
+                elif self.runtime_dir:
+                    reps.append(Replica(b, i, None, uds=os.path.join(self.runtime_dir, f"b{bi}r{i}.sock")))
+                else:
+                    reps.append(Replica(b, i, free_port()))
             self.replicas[b.model_name] = reps
         self._tasks: list[asyncio.Task] = []
-        self._session: aiohttp.ClientSession | None = None
         self._stopping = False
 
     # -------------------------------------------------------------- API
@@ -131,7 +161,6 @@ class Supervisor:
             TimeoutError: with ``wait``, a backend had no ready replica within
                 ``gateway.startup_timeout_s``.
         """
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         for r in self.all_replicas():
             if self.launch:
                 self._spawn(r)
@@ -167,20 +196,25 @@ class Supervisor:
         await asyncio.gather(*(loop.run_in_executor(None, r.process.stop, 20.0) for r in procs))
         for r in self.all_replicas():
             r.state = "stopped"
-        if self._session:
-            await self._session.close()
+        await self.sessions.close()
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     # ---------------------------------------------------------- internals
     def _spawn(self, r: Replica) -> None:
         key = secrets.token_urlsafe(32)
         r.auth_header = ("Authorization", f"Bearer {key}")
-        argv, env = vllm_command(r.backend, r.port, r.index, r.host, api_key=key)
+        withhold = {self.config.gateway.api_keys_env} if self.config.gateway.api_keys_env else set()
+        argv, env = vllm_command(r.backend, r.port, r.index, r.host, api_key=key, uds=r.uds,
+                                 withhold_env=withhold, runtime_dir=self.runtime_dir)
+        if r.uds and os.path.lexists(r.uds):
+            os.unlink(r.uds)  # a previous start's socket: vLLM binds a fresh one
         r.process = ServerProcess(r.name, argv, env, log=self.log_stream)
         r.process.start()
         r.state = "starting"
         r.started_at = time.monotonic()
         r.ready_since = None
-        log.info("started %s (pid %s, port %d, mode %s)", r.name, r.process.pid, r.port, r.backend.mode)
+        log.info("started %s (pid %s, %s, mode %s)", r.name, r.process.pid, r.address, r.backend.mode)
 
     async def _stop_process(self, r: Replica, grace_s: float) -> None:
         if r.process is not None:
@@ -188,7 +222,7 @@ class Supervisor:
 
     async def _healthy(self, r: Replica) -> bool:
         try:
-            async with self._session.get(f"{r.url}/health") as resp:
+            async with self.sessions.get(r.uds).get(f"{r.url}/health", timeout=HEALTH_TIMEOUT) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False

@@ -77,21 +77,56 @@ def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, 
     return out
 
 
-def make_session(connect_timeout_s: float, idle_timeout_s: float) -> aiohttp.ClientSession:
-    """The one pooled session for every replica.
+def make_session(connect_timeout_s: float, idle_timeout_s: float, uds: str | None = None) -> aiohttp.ClientSession:
+    """A pooled session set up for proxying.
 
     Args:
         connect_timeout_s: to open a connection (s).
         idle_timeout_s: longest wait for the response head or for any body
             piece (s). The whole-request deadline is the proxy's.
+        uds: connect to this Unix socket instead of TCP (every URL's host
+            is then only the ``Host`` header).
     """
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, use_dns_cache=False)
+    if uds:
+        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=uds, limit=0, keepalive_timeout=KEEPALIVE_S)
+    else:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, use_dns_cache=False)
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, read_bufsize=READ_BUFSIZE,
         timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=idle_timeout_s),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+class SessionPool:
+    """The gateway's upstream sessions: one shared for TCP replicas, one per Unix-socket replica.
+
+    aiohttp binds a Unix connector to one socket path, so each replica that
+    listens on a socket gets its own session (and connection pool); TCP
+    replicas share one. Proxied requests, health checks and metric scrapes
+    all use these (scrapes and checks pass a per-request total timeout).
+
+    Args:
+        connect_timeout_s, idle_timeout_s: as for :func:`make_session` (s).
+    """
+
+    def __init__(self, connect_timeout_s: float, idle_timeout_s: float) -> None:
+        self._args = (connect_timeout_s, idle_timeout_s)
+        self._sessions: dict[str | None, aiohttp.ClientSession] = {}
+
+    def get(self, uds: str | None = None) -> aiohttp.ClientSession:
+        """The session for a replica listening on ``uds`` (None: TCP); made on first use, in the event loop."""
+        s = self._sessions.get(uds)
+        if s is None or s.closed:
+            s = self._sessions[uds] = make_session(*self._args, uds=uds)
+        return s
+
+    async def close(self) -> None:
+        """Close every session (and its pooled connections)."""
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            await s.close()
 
 
 async def http_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -321,17 +321,18 @@ def test_expect_100_continue_client_does_not_get_or_leak_another_answer(gw):
     assert a["id"] != b["id"]
 
 
-def _replica_ports(log: Path) -> dict[str, int]:
-    return {name: int(port) for name, port in re.findall(r"started (\S+) \(pid \d+, port (\d+)", log.read_text())}
+def _replica_addresses(log: Path) -> dict[str, str]:
+    return dict(re.findall(r"started (\S+) \(pid \d+, (\S+), mode", log.read_text()))
 
 
 def test_replicas_refuse_requests_that_go_around_the_gateway(gw):
     url, _, log, *_ = gw
-    ports = _replica_ports(log)
-    assert {"emu/0", "emu/1", "cpu-real/0"} <= set(ports)
-    for name, port in ports.items():
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": MODEL, "prompt": "x",
-                                                                          "max_tokens": 1}, timeout=30)
+    addrs = _replica_addresses(log)
+    assert {"emu/0", "emu/1", "cpu-real/0"} <= set(addrs)
+    for name, addr in addrs.items():
+        assert addr.startswith("unix:"), addr  # in the gateway's private directory (mode 0700)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=addr[5:]), base_url="http://replica") as c:
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}, timeout=30)
         assert r.status_code == 401, (name, r.status_code)  # vLLM's own middleware: the per-start key is missing
     assert httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
                       timeout=60).status_code == 200
