@@ -84,7 +84,7 @@ from gateway.guard import FORWARDED_ROUTES, ApiKeys, Guard
 from gateway.metrics import GatewayMetrics, merge_vllm_metrics, scrape_value
 from gateway.routing import affinity_key, pick
 from gateway.supervisor import Replica, Supervisor
-from gateway.upstream import forward_headers, http_chunks, response_headers
+from gateway.upstream import forward_headers, http_chunks, request_body, response_headers
 
 log = logging.getLogger("emugate.proxy")
 
@@ -421,7 +421,8 @@ class Forwarder:
         try:
             # the path passed the Guard's rule; encoded=True keeps yarl from re-normalizing it
             resp = await gw.supervisor.sessions.get(r.uds).request(
-                method, URL(r.url + path, encoded=True), data=body, headers=up_headers, allow_redirects=False,
+                method, URL(r.url + path, encoded=True), data=request_body(body), headers=up_headers,
+                allow_redirects=False,
                 compress=None, chunked=None)
         except aiohttp.ClientConnectorError as e:
             gw.metrics.errors.labels(backend, "connect").inc()

@@ -5,7 +5,10 @@ client that opens a connection and trickles bytes (slowloris) holds a socket
 and a parser forever. :func:`deadline_protocol` subclasses it: a timer armed
 when a connection opens and at the first byte of every request, disarmed when
 the headers are complete; if it fires, the client gets ``408`` in OpenAI's
-error JSON and the connection is closed. The body deadline
+error JSON and the connection is closed. Once the headers are complete it
+also pauses reading until the app asks for the body (uvicorn's ``receive``
+resumes it), so a request refused at admission (429, before its body is
+read) has no more of its body buffered than arrived with its headers. The body deadline
 (``body_timeout_s``) is enforced by the proxy, which reads the body.
 Between requests on a keep-alive connection uvicorn's own keep-alive timeout
 (5 s) applies.
@@ -26,6 +29,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 TESTED_UVICORN = ">=0.29,<0.55"
 #: What the subclass relies on: the methods it overrides (called by httptools/asyncio) and attributes it reads.
 HOOKED_METHODS = ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete")
+#: Attributes of an ``HttpToolsProtocol`` instance the subclass uses (checked on a live connection by the tests).
+USED_ATTRIBUTES = ("loop", "transport", "flow")
 
 
 def check_private_api(cls: type = HttpToolsProtocol) -> None:
@@ -83,6 +88,9 @@ def deadline_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+            # read no more of the body until the app asks for it (uvicorn's receive() resumes reading, and so
+            # does the end of a response): a request refused before its body is read (429) buffers nothing
+            self.flow.pause_reading()
 
         def connection_lost(self, exc) -> None:
             self._disarm()

@@ -279,6 +279,42 @@ def test_uvicorn_private_api_the_header_deadline_hooks_is_there():
     proto = server.deadline_protocol(1.0)
     assert all(m in proto.__dict__ for m in server.HOOKED_METHODS)
 
+    # the attributes it uses exist on a live connection (a protocol instance given a socket-like transport)
+    import asyncio
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    class Transport(asyncio.Transport):
+        def get_extra_info(self, name, default=None):
+            return {"sockname": ("127.0.0.1", 1), "peername": ("127.0.0.1", 2)}.get(name, default)
+
+        def is_closing(self):
+            return False
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+        def write(self, data):
+            pass
+
+        def close(self):
+            pass
+
+    async def live():
+        async def app(scope, receive, send):
+            pass
+        config = uvicorn.Config(app, http=proto)
+        config.load()
+        p = proto(config=config, server_state=ServerState(), app_state={})
+        p.connection_made(Transport())
+        missing = [a for a in server.USED_ATTRIBUTES if getattr(p, a, None) is None]
+        p.connection_lost(None)
+        return missing
+    assert asyncio.run(live()) == []
+
     class Moved:
         connection_made = connection_lost = on_message_begin = None
 
