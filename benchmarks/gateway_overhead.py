@@ -9,7 +9,12 @@ same machine state.
 ``--baseline REF`` also starts the gateway of git revision REF (checked out
 into a temporary worktree) attached to the same backend, and interleaves three
 targets (direct, gateway, baseline): before/after in one run, same machine
-state. ``--rate`` is the total over all targets.
+state. ``--floor`` adds a TCP byte splicer (``_splice_proxy.py``: no HTTP, no
+features) as one more target: the lower bound of what two extra loopback hops
+cost on this host. ``--litellm`` adds LiteLLM's proxy (if installed) as a
+reference column. ``--rate`` is the total over all targets. Each proxy's CPU
+time per request (``/proc/PID/stat``, user + system, over the non-streaming
+phase) is printed beside its latency.
 
 1. Non-streaming chat, max_tokens=1: latency p50/p99 direct vs gateway;
    added latency = gateway - direct at each percentile. Also the gateway's own
@@ -17,7 +22,7 @@ state. ``--rate`` is the total over all targets.
 2. Streaming chat, ``--stream-requests`` of 64 tokens at ``--stream-rate``
    (Poisson, targets alternating): mean TTFT and ITL direct vs gateway.
 
-    python benchmarks/gateway_overhead.py [--rate 200] [--seconds 20] [--baseline c148c43]
+    python benchmarks/gateway_overhead.py [--rate 200] [--seconds 20] [--baseline REF] [--floor] [--litellm]
 """
 from __future__ import annotations
 
@@ -117,6 +122,12 @@ async def scrape_added(gw_url, session):
     return total, q(0.5), q(0.99)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=200.0, help="total requests/s (half to each target)")
@@ -126,6 +137,10 @@ def main() -> None:
     ap.add_argument("--stream-rate", type=float, default=20.0, help="streaming requests/s (Poisson)")
     ap.add_argument("--baseline", default=None, metavar="REF",
                     help="also measure the gateway of this git revision (before/after in one run)")
+    ap.add_argument("--floor", action="store_true", help="also measure a TCP byte splicer (the floor)")
+    ap.add_argument("--litellm", default=None, metavar="CMD",
+                    help="also measure LiteLLM's proxy started by this command (e.g. a venv's bin/litellm with the "
+                         "proxy extra: pip install 'litellm[proxy]'), a reference column")
     a = ap.parse_args()
     with emulated_server(step_ms=a.step_ms, name="bench-gw-backend") as (direct, _):
         port = int(direct.rsplit(":", 1)[1])
@@ -148,23 +163,41 @@ def main() -> None:
                                                           "--no-launch", "--log-level", "warning"],
                                              {**os.environ, "PYTHONPATH": str(wt)}, log=open(os.devnull, "w"),
                                              cwd=str(wt)), bport, "/health")
+        if a.floor:
+            fport = free_port()
+            gws["floor"] = (ServerProcess("floor", [sys.executable, str(ROOT / "benchmarks" / "_splice_proxy.py"),
+                                                    str(fport), str(port)], dict(os.environ),
+                                          log=open(os.devnull, "w")), fport, "/health")
+        if a.litellm:
+            lport = free_port()
+            lcfg = tmp / "litellm.yaml"
+            lcfg.write_text(f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/{MODEL}\n"
+                            f"      api_base: {direct}/v1\n      api_key: none\n")
+            gws["litellm"] = (ServerProcess("litellm", [a.litellm, "--config", str(lcfg),
+                                                        "--port", str(lport), "--num_workers", "1"],
+                                            {**os.environ, "LITELLM_LOG": "ERROR",  # local benchmark: no key
+                                             "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"},
+                                            log=open(os.devnull, "w")),
+                              lport, "/health/liveliness")
         for proc, _, _ in gws.values():
             proc.start()
         try:
             url = {"direct": direct}
             for name, (proc, p, ready) in gws.items():
                 url[name] = f"http://127.0.0.1:{p}"
-                wait_healthy(url[name], proc, timeout_s=60, path=ready)
+                wait_healthy(url[name], proc, timeout_s=180, path=ready)
 
             async def run():
                 conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0)  # under uvicorn's 5 s
                 async with aiohttp.ClientSession(connector=conn) as s:
                     await nonstream(s, url, 300, 50.0, seed=99)  # warm-up every path
+                    c0 = {n: cpu_s(p.pid) for n, (p, _, _) in gws.items()}
                     lat = await nonstream(s, url, int(a.rate * a.seconds), a.rate)
-                    added = {n: await scrape_added(url[n], s) for n in gws}
+                    cpu = {n: (cpu_s(p.pid) - c0[n]) / len(lat[n]) * 1e3 for n, (p, _, _) in gws.items()}
+                    added = {n: await scrape_added(url[n], s) for n in gws if n in ("gateway", "baseline")}
                     st = await streams(s, url, a.stream_requests, a.stream_rate)
-                    return lat, added, st
-            lat, added, st = asyncio.run(run())
+                    return lat, added, st, cpu
+            lat, added, st, cpu = asyncio.run(run())
         finally:
             for proc, _, _ in gws.values():
                 proc.stop()
@@ -178,9 +211,11 @@ def main() -> None:
     for n in gws:
         g = lat[n]
         print(f"  {n:8s}: p50 {pct(g, 50):6.2f} ms  p99 {pct(g, 99):6.2f} ms   added: p50 "
-              f"{pct(g, 50) - pct(d, 50):+6.2f} ms  p99 {pct(g, 99) - pct(d, 99):+6.2f} ms")
-        print(f"            internal time per request (its histogram, {added[n][0]:.0f} requests): "
-              f"p50 <= {added[n][1]:.2f} ms, p99 <= {added[n][2]:.2f} ms")
+              f"{pct(g, 50) - pct(d, 50):+6.2f} ms  p99 {pct(g, 99) - pct(d, 99):+6.2f} ms   "
+              f"CPU {cpu[n]:.3f} ms/request")
+        if n in added:
+            print(f"            internal time per request (its histogram, {added[n][0]:.0f} requests): "
+                  f"p50 <= {added[n][1]:.2f} ms, p99 <= {added[n][2]:.2f} ms")
     for m in ("ttft", "itl"):
         dv = np.mean(st["direct"][m]) * 1000
         row = ", ".join(f"{n} {np.mean(st[n][m]) * 1000:7.2f} ms ({(np.mean(st[n][m]) * 1000 - dv) / dv * 100:+.2f}%)"

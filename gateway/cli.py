@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None, prog: str = "emugate serve") -> int:
     g = cfg.gateway
     server = uvicorn.Server(uvicorn.Config(
         app, host=g.host, port=g.port, loop="uvloop", http=deadline_protocol(g.header_timeout_s),
-        access_log=False, log_level=args.log_level, timeout_graceful_shutdown=g.drain_timeout_s))
+        access_log=False, log_level=args.log_level, timeout_graceful_shutdown=g.drain_timeout_s,
+        proxy_headers=False, server_header=False))  # the gateway reads no X-Forwarded-*; no "server: uvicorn"
     server.run()
     if fatal:
         print(f"error: {fatal[0]}; see the log lines above. Fix the backend's settings "

@@ -7,11 +7,16 @@ request's ``X-Request-Id`` in its headers and at the end of its message.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
-import uuid
 
 _RID_OK = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+#: Generated request ids: 16 random hex digits per gateway process, then a 16-digit hex counter (32 in all):
+#: unique within a process and across restarts, without a system call per request as uuid4 makes.
+_RID_PREFIX = os.urandom(8).hex()
+_RID_COUNTER = itertools.count()
 
 
 def error_body(message: str, type_: str, code: int | str, param: str | None = None,
@@ -23,11 +28,11 @@ def error_body(message: str, type_: str, code: int | str, param: str | None = No
 
 
 def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The client's ``X-Request-Id`` if well-formed (1-128 of ``[A-Za-z0-9._:-]``), else a new uuid4 hex."""
+    """The client's ``X-Request-Id`` if well-formed (1-128 of ``[A-Za-z0-9._:-]``), else a new 32-hex-digit id."""
     for k, v in headers:
         if k == b"x-request-id" and _RID_OK.fullmatch(v):
             return v
-    return uuid.uuid4().hex.encode()
+    return f"{_RID_PREFIX}{next(_RID_COUNTER):016x}".encode()
 
 
 async def send_error(send, status: int, message: str, type_: str, rid: bytes, code: int | str | None = None,

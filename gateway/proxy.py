@@ -36,10 +36,11 @@ Security boundary:
   JSON or UTF-8 and nesting too deep for the parser are a 400, not a 500.
   Every error the gateway itself writes is OpenAI's error JSON naming the
   request id.
-* Isolation: the hop to the replica is aiohttp (:mod:`gateway.upstream`): 1xx
+* Isolation: the hop to the replica is :mod:`gateway.h1` (llhttp): 1xx
   interim responses are skipped, ``Expect`` and hop-by-hop headers are not
-  forwarded, and a connection goes back to the pool only after its whole
-  response was read, so no response can reach another client.
+  forwarded (:mod:`gateway.upstream`), and a connection goes back to the pool
+  only after its whole response was read, so no response can reach another
+  client.
 
 Transparency: status, headers (less hop-by-hop ones) and body bytes come
 back as vLLM sent them; a streamed response is forwarded one upstream HTTP
@@ -76,7 +77,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from yarl import URL
 
 from gateway.config import Config
 from gateway.errors import error_body, request_id
@@ -84,7 +84,8 @@ from gateway.guard import FORWARDED_ROUTES, ApiKeys, Guard
 from gateway.metrics import GatewayMetrics, merge_vllm_metrics, scrape_value
 from gateway.routing import affinity_key, pick
 from gateway.supervisor import Replica, Supervisor
-from gateway.upstream import forward_headers, http_chunks, request_body, response_headers
+from gateway.h1 import H1Pool, H1Response, UpstreamConnectError, UpstreamDisconnected, UpstreamError
+from gateway.upstream import forward_headers, response_headers
 
 log = logging.getLogger("emugate.proxy")
 
@@ -210,6 +211,50 @@ async def _until_disconnect(receive) -> None:
         pass
 
 
+#: A request's disconnect watcher starts this long (s) after the request was sent upstream: most
+#: non-streaming requests are answered before, and spare the watcher task; a client that left
+#: earlier is noticed then (its request is aborted in vLLM at most this late).
+WATCH_AFTER_S = 0.05
+
+
+class _Watch:
+    """Cancels a request's task when its ``request_timeout_s`` deadline passes (``reason = "timeout"``) or its
+    client disconnects (``reason = "gone"``); the task tells the two apart by :attr:`reason` (None: neither).
+
+    One timer per request for the deadline, and a disconnect watcher task started only for requests still
+    running after :data:`WATCH_AFTER_S`.
+    """
+
+    __slots__ = ("task", "reason", "receive", "ex", "_deadline", "_start", "_watcher")
+
+    def __init__(self, task: asyncio.Task, t_deadline: float, receive, ex: "_Exchange") -> None:
+        loop = asyncio.get_running_loop()
+        self.task, self.receive, self.ex = task, receive, ex
+        self.reason: str | None = None
+        self._watcher: asyncio.Task | None = None
+        self._deadline = loop.call_at(t_deadline, self._cancel, "timeout")
+        self._start = loop.call_later(WATCH_AFTER_S, self._start_watcher)
+
+    def _cancel(self, reason: str) -> None:
+        if self.reason is None and not self.ex.finished:
+            self.reason = reason
+            self.task.cancel()
+
+    def _start_watcher(self) -> None:
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        await _until_disconnect(self.receive)
+        self._cancel("gone")
+
+    def close(self) -> None:
+        """Stop watching (the request is over, or being answered with an error)."""
+        self._deadline.cancel()
+        self._start.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
 class Forwarder:
     """ASGI endpoint that forwards one request to a replica of its model.
 
@@ -275,36 +320,26 @@ class Forwarder:
             path += "?" + scope["query_string"].decode("ascii")
         series = gw.children(backend)
         series.in_flight.inc()
-        # one watcher per request: a disconnect cancels this task, which closes the upstream connection
         task = asyncio.current_task()
-        gone = False
-
-        async def watch() -> None:
-            nonlocal gone
-            await _until_disconnect(receive)
-            if not ex.finished:
-                gone = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(watch())
+        watch = _Watch(task, t_deadline, receive, ex)
         try:
-            async with asyncio.timeout_at(t_deadline):
-                await self._dispatch(ex, replicas, model, key, scope["method"], path, body, hdrs, t_recv, backend,
-                                     rid)
-        except TimeoutError:
-            gw.metrics.errors.labels(backend, "timeout").inc()
-            log.warning("request %s: request_timeout_s (%g s) reached; upstream request cancelled", rid_s,
-                        gw.config.gateway.request_timeout_s)
-            await self._fail(ex, 504, f"The request did not complete within request_timeout_s "
-                                      f"({gw.config.gateway.request_timeout_s:g} s)", "GatewayTimeoutError", rid)
+            await self._dispatch(ex, replicas, model, key, scope["method"], path, body, hdrs, t_recv, backend, rid)
         except asyncio.CancelledError:
-            if not gone:
+            if watch.reason is None:
                 raise
-            task.uncancel()  # the client left: vLLM sees its connection close and aborts the request
-            gw.metrics.errors.labels(backend, "client_disconnect").inc()
-            log.info("request %s: client disconnected; upstream request cancelled", rid_s)
+            task.uncancel()
+            watch.close()
+            if watch.reason == "timeout":
+                gw.metrics.errors.labels(backend, "timeout").inc()
+                log.warning("request %s: request_timeout_s (%g s) reached; upstream request cancelled", rid_s,
+                            gw.config.gateway.request_timeout_s)
+                await self._fail(ex, 504, f"The request did not complete within request_timeout_s "
+                                          f"({gw.config.gateway.request_timeout_s:g} s)", "GatewayTimeoutError", rid)
+            else:  # the client left: vLLM sees its connection close and aborts the request
+                gw.metrics.errors.labels(backend, "client_disconnect").inc()
+                log.info("request %s: client disconnected; upstream request cancelled", rid_s)
         finally:
-            watcher.cancel()
+            watch.close()
             series.in_flight.dec()
 
     async def _read_body(self, receive, headers) -> bytearray | bytes:
@@ -414,32 +449,27 @@ class Forwarder:
         """Forward to ``r``. Returns "done", or "unreachable"/"disconnected" when nothing was answered."""
         gw = self.gw
         rid_s = rid.decode()
-        up_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in hdrs]
-        if r.auth_header:
-            up_headers.append(r.auth_header)
+        if r.auth_bytes:
+            hdrs = hdrs + [r.auth_bytes]
         t_sent = time.perf_counter()
         try:
-            # the path passed the Guard's rule; encoded=True keeps yarl from re-normalizing it
-            resp = await gw.supervisor.sessions.get(r.uds).request(
-                method, URL(r.url + path, encoded=True), data=request_body(body), headers=up_headers,
-                allow_redirects=False,
-                compress=None, chunked=None)
-        except aiohttp.ClientConnectorError as e:
+            # the path passed the Guard's rule and is sent as it is
+            resp = await gw.h1.request(method, path, hdrs, body, host=r.host, port=r.port, uds=r.uds)
+        except UpstreamConnectError as e:
             gw.metrics.errors.labels(backend, "connect").inc()
             log.warning("request %s: %s unreachable (%s); trying another replica", rid_s, r.name, e)
             return "unreachable"
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+        except UpstreamDisconnected as e:
             # closed or reset before any response byte (e.g. a pooled connection the replica was closing)
             gw.metrics.errors.labels(backend, "connect").inc()
-            log.warning("request %s: %s closed the connection before answering (%s: %s)", rid_s, r.name,
-                        e.__class__.__name__, e)
+            log.warning("request %s: %s closed the connection before answering (%s)", rid_s, r.name, e)
             return "disconnected"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            timeout = isinstance(e, asyncio.TimeoutError)
+        except (UpstreamError, TimeoutError) as e:
+            timeout = isinstance(e, TimeoutError)
             log.warning("request %s: %s failed before answering (%s: %s)", rid_s, r.name, e.__class__.__name__, e)
             gw.metrics.errors.labels(backend, "timeout" if timeout else "stream").inc()
             what = f"sent no response head for idle_timeout_s ({gw.config.gateway.idle_timeout_s:g} s)" \
-                if timeout else f"failed before answering ({e.__class__.__name__}: {e})"
+                if timeout else f"failed before answering ({e})"
             await self._fail(ex, 504 if timeout else 502, f"Replica {r.name} {what}",
                              "GatewayTimeoutError" if timeout else "BadGatewayError", rid)
             return "done"
@@ -449,18 +479,18 @@ class Forwarder:
             resp.release()  # closes the connection unless the whole body was read
         return "done"
 
-    async def _relay(self, ex: _Exchange, r: Replica, resp: aiohttp.ClientResponse, t_sent: float,
+    async def _relay(self, ex: _Exchange, r: Replica, resp: H1Response, t_sent: float,
                      t_recv: float, backend: str, rid: bytes) -> None:
         """Send ``resp`` to the client: whole (Content-Length) or one upstream chunk at a time."""
         gw = self.gw
         series = gw.children(backend)
         t_head = time.perf_counter()
-        out_headers = response_headers(resp.raw_headers)
+        out_headers = response_headers(resp.headers)
         out_headers.append((b"x-request-id", rid))
-        ex.is_sse = resp.content_type == "text/event-stream"
-        length = resp.headers.get("Content-Length")
+        ctype = resp.header(b"content-type")
+        ex.is_sse = ctype is not None and ctype.split(b";", 1)[0].strip().lower() == b"text/event-stream"
         try:
-            if length is not None and not ex.is_sse:
+            if resp.content_length is not None and not ex.is_sse:
                 data = await resp.read()
                 out_headers.append((b"content-length", str(len(data)).encode()))
                 t0 = time.perf_counter()
@@ -472,7 +502,7 @@ class Forwarder:
             await ex.start(resp.status, out_headers)
             timed = ex.is_sse and resp.status == 200
             last = None
-            async for data in http_chunks(resp):
+            while (data := await resp.next_chunk()) is not None:
                 await ex.body(data, more=True)
                 if timed:
                     now = time.perf_counter()
@@ -483,7 +513,7 @@ class Forwarder:
                     last = now
             await ex.body(b"", more=False)
             series.observe((t_sent - t_recv) + (t0 - t_head), resp.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (UpstreamError, TimeoutError) as e:
             gw.metrics.errors.labels(backend, "stream").inc()
             log.warning("request %s: %s failed mid-response (%s: %s)", rid.decode(), r.name,
                         e.__class__.__name__, e)
@@ -535,6 +565,8 @@ class Gateway:
         self.key_in_flight: dict[int, int] = {}
         self._children: dict[str, BackendSeries] = {}
         self._poller: asyncio.Task | None = None
+        #: the data path's upstream client (the control plane's GETs use aiohttp: supervisor.sessions)
+        self.h1 = H1Pool(config.gateway.connect_timeout_s, config.gateway.idle_timeout_s)
 
     def admit(self, key: int | None) -> str | None:
         """Count a request in (``key``: the client key's index), or say why not (the 429 message).
@@ -574,6 +606,7 @@ class Gateway:
     async def shutdown(self) -> None:
         if self._poller:
             self._poller.cancel()
+        self.h1.close()
         await self.supervisor.stop()
 
     async def _get(self, r: Replica, path: str) -> aiohttp.ClientResponse:

@@ -84,6 +84,7 @@ class Replica:
     start_failures: int = 0
     process: ServerProcess | None = None
     auth_header: tuple[str, str] | None = None  # ("Authorization", "Bearer <this start's key>")
+    auth_bytes: tuple[bytes, bytes] | None = None  # the same, as the data path sends it
     # backend-reported load (kv_aware routing), refreshed from /metrics
     num_waiting: float = 0.0
     kv_usage: float = 0.0
@@ -204,6 +205,7 @@ class Supervisor:
     def _spawn(self, r: Replica) -> None:
         key = secrets.token_urlsafe(32)
         r.auth_header = ("Authorization", f"Bearer {key}")
+        r.auth_bytes = (b"authorization", f"Bearer {key}".encode())
         withhold = {self.config.gateway.api_keys_env} if self.config.gateway.api_keys_env else set()
         argv, env = vllm_command(r.backend, r.port, r.index, r.host, api_key=key, uds=r.uds,
                                  withhold_env=withhold, runtime_dir=self.runtime_dir)
