@@ -27,7 +27,6 @@ No worker, no weights, no device tensors.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -159,9 +158,10 @@ class EmulatedExecutor(Executor):
         self.tokens = self._make_tokens()
         self._vocab = self.model_config.get_vocab_size()
         self.num_steps = 0
-        if self.profile is not None and self.profile.meta.get("estimate"):
-            logger.warning("emugate: %s (%s)", self.profile.meta.get("label", "ESTIMATE: synthesized profile"),
-                           json.dumps(self.profile.meta.get("calibration", {}).get("errors", {}))[:400])
+        if self.profile is not None:
+            from profiles.summary import profile_notes
+            for line in profile_notes(self.profile):
+                (logger.warning if self.profile.meta.get("estimate") else logger.info)("emugate: %s", line)
         if self.profile is not None:
             from emu_executor.fingerprint import compare_fingerprint
             for line in compare_fingerprint(self.profile.fingerprint, self.vllm_config):

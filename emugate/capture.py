@@ -245,45 +245,82 @@ def shareable_backend(backend: BackendConfig) -> dict:
     return d
 
 
-def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
-            warmup_steps: int | None = None, log_file: str | Path | None = None, starts: int = 1) -> Profile:
-    """Start ``backend`` (mode real) with the ProfilingExecutor, warm up, sweep, stop it; ``starts`` times
-    over; build one profile from every start's trace and save it to ``out``.
+#: Adaptive pooling of server starts (``capture`` without a fixed ``starts``): at least MIN_STARTS,
+#: then one more until the pooled offset's standard error is within TOLERANCE_PCT, at most MAX_STARTS.
+MIN_STARTS, MAX_STARTS, TOLERANCE_PCT = 2, 5, 1.0
 
-    ``starts``: server starts to pool. A start runs the same step shapes a few % faster or slower
-    than the next, throughout (``benchmarks/restart_noise.py``; issue 14: the single-start Xeon
-    capture timed sampled decode batches of 12-23 requests 1.5 % slower than four validation
-    starts did), and a profile from one start carries that start's offset into every emulated
-    step. Pooling N starts shrinks it by about sqrt(N). Start k uses seeds shifted by
-    ``START_SEED_STRIDE * k`` and records into :func:`start_trace` (its server log likewise).
-    ``warmup_steps``: leading steps to drop from each start's trace; None (default) drops
-    exactly that start's warm-up steps, counted from its trace when its warm-up ends.
+
+def capture(backend: BackendConfig, out: str | Path, plan: SweepPlan, trace: str | Path | None = None,
+            warmup_steps: int | None = None, log_file: str | Path | None = None, starts: int | None = None,
+            min_starts: int = MIN_STARTS, max_starts: int = MAX_STARTS,
+            tolerance_pct: float = TOLERANCE_PCT) -> Profile:
+    """Start ``backend`` (mode real) with the ProfilingExecutor, warm up, sweep, stop it; on several
+    server starts; build one profile from every start's trace and save it to ``out``.
+
+    Server starts: one start of vLLM runs the same step shapes a few % faster or slower than the
+    next, throughout, and a profile carries the mean offset of the starts it pooled
+    (:mod:`profiles.spread`). So starts are pooled by evidence: after ``min_starts`` starts, each
+    start's offset is measured (the oracle built from the other starts, scored on its steps) and
+    printed, and starts are added until the pooled offset's standard error
+    (``sd(offsets) / sqrt(starts)``) is within ``tolerance_pct``, or ``max_starts`` is reached
+    (said so). ``starts``: a fixed count instead (no stopping rule; offsets still measured).
+    The profile's ``meta["start_spread"]`` keeps the offsets, their sd and the standard error.
+    Start k uses seeds shifted by ``START_SEED_STRIDE * k`` and records into :func:`start_trace`
+    (its server log likewise). ``warmup_steps``: leading steps to drop from each start's trace;
+    None (default) drops exactly that start's warm-up steps, counted from its trace when its
+    warm-up ends.
 
     Raises:
-        ValueError: the backend is not in real mode, or ``starts`` < 1.
+        ValueError: the backend is not in real mode, or a start count below 1 / a cap below the minimum.
         RuntimeError/TimeoutError: a server did not come up.
     """
+    from profiles.spread import describe_spread, spread_summary, start_offsets
     if backend.mode != "real":
         raise ValueError(f"capture needs a real backend; {backend.name!r} has mode = {backend.mode!r}")
-    if starts < 1:
+    if starts is not None and starts < 1:
         raise ValueError(f"capture needs at least one server start (got starts={starts})")
+    if starts is None and not 1 <= min_starts <= max_starts:
+        raise ValueError(f"need 1 <= min_starts <= max_starts (got {min_starts}, {max_starts})")
+    lo, hi = (starts, starts) if starts is not None else (min_starts, max_starts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     trace = Path(trace or out.with_suffix(".trace.jsonl"))
-    traces, warm, lens = [], [], []
-    for k in range(starts):
+    traces, warm, lens, parts, offsets = [], [], [], [], []
+    k = 0
+    while k < hi:
         t = start_trace(trace, k)
-        label = f" start {k + 1}/{starts}:" if starts > 1 else ""
+        label = f" start {k + 1} (of {lo}{'' if lo == hi else f'-{hi}'}):"
         plan_k = replace(plan, capture_seed=plan.capture_seed + START_SEED_STRIDE * k)
         log_k = start_trace(Path(log_file), k) if log_file else None
         n_warm, lens_k = capture_start(backend, t, plan_k, log_k, label)
         traces.append(t)
         warm.append(n_warm if warmup_steps is None else warmup_steps)
         lens += lens_k
+        parts.append({c: v[warm[-1]:] for c, v in read_trace_columns(t)[1].items()})
+        k += 1
+        if k < 2:
+            continue
+        offsets = start_offsets(parts)
+        summary = spread_summary(offsets)
+        print(f"[capture] after {k} starts, each start's offset (the oracle of the other starts on its steps): "
+              + ", ".join(f"start {i + 1} {o:+.1f}%" for i, o in enumerate(offsets))
+              + f"; sd {summary['sd_pct']:.1f}%, standard error of the pooled offset {summary['se_pct']:.1f}%")
+        if k >= lo and starts is None and summary["se_pct"] <= tolerance_pct:
+            print(f"[capture] the pooled offset's standard error is within {tolerance_pct:g}%: {k} starts")
+            break
+    cap_reached = starts is None and k >= hi and bool(offsets) and spread_summary(offsets)["se_pct"] > tolerance_pct
+    spread = spread_summary(offsets, tolerance_pct if starts is None else None, cap_reached)
+    if not offsets:
+        spread = {"starts": k, "offsets_pct": [], "sd_pct": None, "se_pct": None, "range_pct": None}
+    if cap_reached:
+        print(f"[capture] reached the cap of {hi} starts with the pooled offset's standard error at "
+              f"{spread['se_pct']:.1f}% (> {tolerance_pct:g}%): this host's start-to-start spread "
+              f"(sd {spread['sd_pct']:.1f}%) limits how closely any one profile matches a given start")
     prof = build_profile(traces, warmup_steps=warm, output_lengths=lens or None,
-                         meta={"capture": {"plan": plan.__dict__, "starts": starts,
-                                           "backend": shareable_backend(backend)}})
+                         meta={"capture": {"plan": plan.__dict__, "starts": k,
+                                           "backend": shareable_backend(backend)},
+                               "start_spread": spread})
     prof.save(out)
-    print(f"[capture] {prof.num_steps} steps from {starts} server start(s) -> {out} "
-          f"({out.stat().st_size / 1024:.0f} KiB)")
+    print(f"[capture] {prof.num_steps} steps from {k} server start(s) -> {out} "
+          f"({out.stat().st_size / 1024:.0f} KiB); {describe_spread(spread)}")
     return prof

@@ -48,7 +48,8 @@ def cmd_capture(args) -> int:
                      grid_temperatures=[float(x) for x in args.grid_temperatures.split(",") if x])
     if args.max_concurrency:
         plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
-    capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log, starts=args.starts)
+    capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log, starts=args.starts,
+            min_starts=args.min_starts, max_starts=args.max_starts, tolerance_pct=args.start_tolerance)
     return 0
 
 
@@ -141,6 +142,21 @@ def cmd_validate(args) -> int:
 _DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 
 
+def _add_start_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """How many server starts a capture pools (``capture``; ``validate`` with ``prefix="capture-"``)."""
+    from emugate.capture import MAX_STARTS, MIN_STARTS, TOLERANCE_PCT
+    g = p.add_argument_group("server starts pooled into the profile (each warmed up and swept in full, ~20 min "
+                             "on a 2-core host; seeds shift by 10 per start)")
+    g.add_argument(f"--{prefix}starts", type=int, default=None,
+                   help="a fixed number of starts (default: as many as the evidence asks for, below)")
+    g.add_argument(f"--{prefix}min-starts", type=int, default=MIN_STARTS, help="starts before the first check")
+    g.add_argument(f"--{prefix}max-starts", type=int, default=MAX_STARTS,
+                   help="cap: stop here even if the pooled offset is still uncertain (said so)")
+    g.add_argument(f"--{prefix}start-tolerance", type=float, default=TOLERANCE_PCT,
+                   help="stop adding starts once the standard error of the pooled profile's offset (sd of the "
+                        "per-start offsets / sqrt(starts)) is within this many %%")
+
+
 def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,10 +184,7 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="leading steps dropped (default: exactly the warm-up's steps, counted from the trace)")
     p.add_argument("--log", default=None, help="file for the vLLM server log")
-    p.add_argument("--starts", type=int, default=1,
-                   help="server starts to pool into the profile, each warmed up and swept in full (seeds shift by "
-                        "10 per start). Starts run the same steps a few %% apart throughout; the bundled CPU "
-                        "profile pools 2. Each start adds the whole capture's time")
+    _add_start_args(p)
     p.set_defaults(fn=cmd_capture)
 
     p = sub.add_parser("build", formatter_class=_DEFAULTS,

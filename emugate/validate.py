@@ -76,12 +76,11 @@ def add_validate_args(p) -> None:
     p.add_argument("--warmup-prompts", type=int, default=40,
                    help="unmeasured requests (4 req/s) that warm each server up before the sweep")
     p.add_argument("--oracle", default=None, choices=["feature", "grid2d"], help="override the backend's oracle")
-    p.add_argument("--capture-starts", type=int, default=2,
-                   help="server starts pooled when validate has to capture a profile first (a profile recorded "
-                        "on another CPU); ~20 min each on a 2-core host")
     p.add_argument("--out", default="runs/validate", help="output folder")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild validate.csv/.md/.png from the run JSONs already in --out")
+    from emugate.profile_cli import _add_start_args
+    _add_start_args(p, prefix="capture-")  # when validate has to capture a profile first (another CPU)
 
 
 def warm_up(url: str, model: str, tokenizer: str, out: Path, num_prompts: int, seed: int) -> dict:
@@ -109,8 +108,28 @@ def compare_runs(real: dict, real2: dict, emu: dict) -> dict[str, tuple[float, f
     return out
 
 
+#: A point is flagged when the profile's oracle times that point's real steps off by more than this (%).
+BIAS_FLAG_PCT = 2.0
+
+
+def bias_flag(bias_pct: float | None) -> str | None:
+    """The flag for a point whose real steps the profile over- or under-times by more than
+    :data:`BIAS_FLAG_PCT` (``bias_pct``: :func:`profiles.spread.oracle_bias` on them), else None."""
+    if bias_pct is None or not abs(bias_pct) > BIAS_FLAG_PCT:
+        return None
+    return (f"the capture ran {abs(bias_pct):.1f}% {'slower' if bias_pct > 0 else 'faster'} than these real "
+            f"starts (the profile's oracle on their own steps: {bias_pct:+.1f}%)")
+
+
 def write_reports(rows: list[dict], out: Path) -> None:
-    """CSV (one row per rate, burstiness, metric), markdown table and PNG."""
+    """CSV (one row per rate, burstiness, metric), markdown table and PNG.
+
+    When ``out/profile.json`` holds the profile's ``start_spread`` it heads the table, and a
+    point whose runs carry ``oracle_bias_pct`` gets a column with it and, beyond
+    :data:`BIAS_FLAG_PCT`, a flag under the table.
+    """
+    from profiles.spread import describe_spread
+    info = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() else {}
     with open(out / "validate.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["request_rate", "burstiness", "metric", "real", "real_again", "emulated", "error_pct", "noise_pct"])
@@ -124,12 +143,27 @@ def write_reports(rows: list[dict], out: Path) -> None:
     short = {c: c.replace("_ms", "").replace("median", "p50").replace("output_throughput", "out tok/s") for c in cols}
     lines = ["Emulated vs real (mean of two real runs on two server starts), % error; in brackets the real "
              "system's own difference (real2 - real1, same reference). "
-             "LLM-Emu's published max |error|: TTFT 10.4%, TPOT/ITL 4.8%, E2EL 5.3%, throughput 1.9%.", "",
-             "| rate (req/s) | burstiness | " + " | ".join(short[c] for c in cols) + " |",
-             "|---|---|" + "---:|" * len(cols)]
+             "LLM-Emu's published max |error|: TTFT 10.4%, TPOT/ITL 4.8%, E2EL 5.3%, throughput 1.9%."]
+    if info:
+        lines += ["", f"Profile `{info.get('profile')}`: {describe_spread(info.get('start_spread'))}."]
+    has_bias = any("oracle_bias_pct" in r["real"] for r in rows)
+    lines += ["", "| rate (req/s) | burstiness | " + " | ".join(short[c] for c in cols)
+              + (" | oracle on real steps (real / real2) |" if has_bias else " |"),
+              "|---|---|" + "---:|" * (len(cols) + has_bias)]
+    flags = []
     for r in rows:
         cells = [f"{r['cmp'][c][0]:+.1f} ({r['cmp'][c][1]:+.1f})" for c in cols]
+        if has_bias:
+            b1, b2 = r["real"].get("oracle_bias_pct"), r["real2"].get("oracle_bias_pct")
+            cells.append(" / ".join("n/a" if b is None else f"{b:+.1f}" for b in (b1, b2)))
+            both = [b for b in (b1, b2) if b is not None]
+            flag = bias_flag(sum(both) / len(both) if both else None)
+            if flag:
+                flags.append(f"- **{r['rate']} req/s, burstiness {r['burst']}**: {flag}")
         lines.append(f"| {r['rate']} | {r['burst']} | " + " | ".join(cells) + " |")
+    if flags:
+        lines += ["", f"Flagged points (the profile times these real steps off by more than {BIAS_FLAG_PCT:g}%: "
+                      "the emulator's error there is mostly the capture's offset, not the scheduler):", *flags]
     lines += engine_lines(rows)
     (out / "validate.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -194,6 +228,25 @@ def profile_problem(profile_fp: dict, here: dict) -> str | None:
     return None
 
 
+def bundled_cpu_profile(backend, here: dict):
+    """A bundled CPU profile recorded on this host's CPU for ``backend``'s model (its path), or None.
+
+    ``here``: :func:`profiles.hostinfo.host_cpu`. The model must match the backend's model directory
+    name (profiles are named ``<hardware>_<model>``), and the fingerprint must name this CPU.
+    """
+    from profiles.assets import BUNDLED_DIR
+    from profiles.format import ProfileError, read_header
+    model = Path(str(backend.model)).name
+    for path in sorted(BUNDLED_DIR.glob(f"cpu-*_{model}.emuprof.zst")):
+        try:
+            fp = read_header(path.read_bytes()[:1 << 20], str(path))["fingerprint"]
+        except ProfileError:
+            continue
+        if profile_problem(fp, here) is None:
+            return path
+    return None
+
+
 def shared_rates(profile_meta: dict, rates: list[float]) -> list[float]:
     """Validation rates (req/s) the profile's capture workload also ran at."""
     plan = (profile_meta.get("capture") or {}).get("plan") or {}
@@ -212,16 +265,21 @@ def rows_from_dir(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["burst"], r["rate"]))
 
 
-def traced_run(url: str, backend, trace: Path, n0: int, out_json: Path, **load) -> dict:
+def traced_run(url: str, backend, trace: Path, n0: int, out_json: Path, oracle=None, **load) -> dict:
     """One Locust run (``loadtests.runner.run_locust`` keyword arguments) against a traced server
     whose trace holds ``n0`` steps before it; the result JSON gains ``"engine"``:
     :func:`emugate.engine_trace.engine_figures` of the steps recorded after those, and
     ``"trace_window"``: [trace path, first step, end step], and is rewritten with them.
-    The server is idle between runs, so the end step is the next run's ``n0`` (one trace read per run)."""
+    The server is idle between runs, so the end step is the next run's ``n0`` (one trace read per run).
+    With ``oracle`` (a real server's run), ``"oracle_bias_pct"``: :func:`profiles.spread.oracle_bias`
+    of that oracle on the run's steps."""
     from emugate.capture import steps_since
+    from profiles.spread import oracle_bias
     res = run_locust(url, backend.model_name, out_json, **load)
     cols = steps_since(trace, n0)
     res["engine"] = engine_figures(cols)
+    if oracle is not None:
+        res["oracle_bias_pct"] = round(oracle_bias(oracle, cols), 3)
     res["trace_window"] = [str(trace), n0, n0 + len(cols["latency_us"])]
     out_json.write_text(json.dumps(res))
     return res
@@ -271,14 +329,27 @@ def main_validate(args) -> int:
         why = profile_problem(prof.fingerprint, host_cpu())
     except FileNotFoundError:
         why = "it does not exist"
+    if why and not args.profile:
+        mine = bundled_cpu_profile(real_b, host_cpu())
+        if mine is not None:
+            print(f"[validate] not comparing with profile {profile!r}: {why}. Using the bundled profile "
+                  f"{mine.name} recorded on this CPU instead")
+            profile, prof, why = str(mine), Profile.load(mine), None
     if why:
         from emugate.capture import SweepPlan, capture
         print(f"[validate] not comparing with profile {profile!r}: {why}. Capturing one from {real_b.name} "
-              f"on this host ({args.capture_starts} server start(s), seeds from 1000, workload rates "
+              f"on this host (server starts pooled until their offsets agree, seeds from 1000, workload rates "
               f"{SweepPlan().workload_rates} req/s)")
         profile = str(out / "captured.emuprof.zst")
-        prof = capture(real_b, profile, SweepPlan(), log_file=out / "capture.log", starts=args.capture_starts)
+        prof = capture(real_b, profile, SweepPlan(), log_file=out / "capture.log", starts=args.capture_starts,
+                       min_starts=args.capture_min_starts, max_starts=args.capture_max_starts,
+                       tolerance_pct=args.capture_start_tolerance)
     emu_b = emu_b.model_copy(update={"profile": profile, **({"oracle": args.oracle} if args.oracle else {})})
+    from profiles.oracle import build_oracle
+    from profiles.spread import describe_spread
+    oracle = build_oracle(prof, emu_b.oracle)
+    (out / "profile.json").write_text(json.dumps({"profile": profile, "start_spread": prof.meta.get("start_spread")}))
+    print(f"[validate] profile {profile}: {describe_spread(prof.meta.get('start_spread'))}")
     rates = [float(x) for x in args.rates.split(",")]
     bursts = [float(x) for x in args.burstiness.split(",")]
     points = ([(float(b_), float(r_)) for r_, b_ in (x.split(":") for x in args.points.split(","))]
@@ -316,6 +387,7 @@ def main_validate(args) -> int:
             for name, b in runs.items():
                 with driven_alone(*servers[name]):
                     res[name] = traced_run(servers[name][0], b, traces[name], seen[name], out / f"{tag}-{name}.json",
+                                           oracle=oracle if b.mode == "real" else None,
                                            rate=rate, burstiness=burst, num_prompts=args.num_prompts,
                                            seed=args.seed, tokenizer=tokenizer)
                 seen[name] = res[name]["trace_window"][2]
@@ -328,7 +400,12 @@ def main_validate(args) -> int:
                                         "output_throughput"))
                   + "; preemptions " + " / ".join(f"{res[n]['engine']['preemptions']:.0f}" for n in runs)
                   + ", recomputed tokens " + " / ".join(f"{res[n]['engine']['recomputed_tokens']:.0f}"
-                                                        for n in runs), flush=True)
+                                                        for n in runs)
+                  + f"; the profile's oracle on the real steps {res['real']['oracle_bias_pct']:+.1f}% / "
+                    f"{res['real2']['oracle_bias_pct']:+.1f}%", flush=True)
+            flag = bias_flag((res["real"]["oracle_bias_pct"] + res["real2"]["oracle_bias_pct"]) / 2)
+            if flag:
+                print(f"[validate] flag: {flag}", flush=True)
             write_reports(rows, out)
     print((out / "validate.md").read_text())
     print(f"[validate] wrote {out}/validate.csv, validate.md, validate.png in {(time.time() - t_start) / 60:.1f} min")

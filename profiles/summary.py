@@ -9,6 +9,19 @@ from profiles.format import Profile
 from profiles.oracle import CLASS_NAMES, DECODE, PREFILL, _bucket, heldout_errors
 
 
+def profile_notes(prof: Profile) -> list[str]:
+    """What a user must know of a profile's accuracy before trusting it, one line each: an estimate's
+    label and expected error, a capture's start-to-start spread. Printed by ``inspect`` and logged by
+    the emulated server at start-up."""
+    from profiles.spread import describe_spread
+    lines = []
+    if prof.meta.get("estimate") or prof.meta.get("label"):
+        lines.append(str(prof.meta.get("label", "ESTIMATE: synthesized profile")))
+    if prof.fingerprint.get("device_type") == "cpu" or "start_spread" in prof.meta:
+        lines.append(describe_spread(prof.meta.get("start_spread")))
+    return lines
+
+
 def inspect_profile(path: str, png: str | None = None, heldout: bool = True) -> str:
     """Text report of a profile; with ``png`` also writes a heatmap of median step
     latency (ms) over (scheduled tokens, running requests) per step class."""
@@ -16,7 +29,7 @@ def inspect_profile(path: str, png: str | None = None, heldout: bool = True) -> 
     s = prof.steps
     lat_ms = s["latency_us"] / 1000.0
     cls = np.where(s["prefill_tokens"] > 0, PREFILL, DECODE)
-    lines = [f"profile: {path}", "fingerprint:"]
+    lines = [f"profile: {path}", *profile_notes(prof), "fingerprint:"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(prof.fingerprint.items())]
     lines.append(f"steps: {prof.num_steps}")
     for c, name in CLASS_NAMES.items():
