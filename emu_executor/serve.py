@@ -20,7 +20,8 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
     pass
 
 
-def main(argv: list[str] | None = None, prog: str = "emugate emulate") -> None:
+def build_parser(prog: str = "emugate emulate") -> argparse.ArgumentParser:
+    """The command line of ``emugate emulate`` (unknown options are vLLM's and pass through)."""
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_Help,
                                  epilog="Every other option goes to vLLM's OpenAI server "
                                         "(python -m vllm.entrypoints.openai.api_server --help lists them).")
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None, prog: str = "emugate emulate") -> None:
     ap.add_argument("--oracle", default="feature", choices=["feature", "grid2d"],
                     help="latency oracle: feature, or LLM-Emu's grid2d baseline")
     ap.add_argument("--seed", type=int, default=0, help="seed of latency and token draws")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "emugate emulate") -> None:
+    ap = build_parser(prog)
     args, rest = ap.parse_known_args(argv)
     if not args.profile and args.step_ms is None:
         ap.error("give --profile NAME_OR_FILE (or --step-ms)")

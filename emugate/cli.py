@@ -36,6 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, by its name as typed (``emugate serve``, ``emugate profile capture``...,
+    and the load test's options under ``locust -f loadtests/sharegpt.py``): for the generated CLI
+    reference and the test that every option has a description."""
+    from emu_executor.serve import build_parser as emulate_parser
+    from emugate.profile_cli import build_parser as profile_parser
+    from gateway.cli import build_parser as serve_parser
+    from loadtests.compare import build_parser as compare_parser
+    from loadtests.options import add_workload_args
+    out = {"emugate": build_parser(), "emugate serve": serve_parser()}
+    prof = profile_parser()
+    out["emugate profile"] = prof
+    for action in prof._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            out[f"emugate profile {name}"] = sub
+    out["emugate emulate"] = emulate_parser()
+    out["emugate compare"] = compare_parser()
+    locust = argparse.ArgumentParser(prog="locust -f loadtests/sharegpt.py", add_help=False,
+                                     description="Locust's own options (locust --help), plus:")
+    add_workload_args(locust)
+    out["locust -f loadtests/sharegpt.py"] = locust
+    return out
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:

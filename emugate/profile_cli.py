@@ -31,8 +31,8 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", help="backend name in --config (default: the first)")
     g.add_argument("--model", help="model directory or bundled model name")
     g.add_argument("--load-format", default=None, help="e.g. dummy (random weights)")
-    g.add_argument("--dtype", default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--dtype", default=None, help="vLLM's --dtype, e.g. bfloat16")
+    g.add_argument("--max-model-len", type=int, default=None, help="vLLM's --max-model-len (tokens)")
     g.add_argument("--extra-args", nargs=argparse.REMAINDER, help="passed to vLLM (put last)")
 
 
@@ -91,46 +91,54 @@ def cmd_convert(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    """Synthesize a GPU profile (aiconfigurator-core + calibration), print its summary."""
+    """Synthesize a GPU profile (aiconfigurator-core + the step-time model), print its summary."""
     import numpy as np
     from rich.progress import Progress
 
     from profiles.assets import resolve_model_dir
-    from profiles.calibration import Calibration, default_calibration
     from profiles.format import Profile
+    from profiles.stepmodel import StepModel, shipped_model
     from profiles.synth import SynthSpec, synthesize
     model_dir = resolve_model_dir(args.model)
     spec = SynthSpec(hardware=args.hardware, model_dir=str(model_dir), aic_model=args.aic_model,
                      dtype=args.dtype, tp=args.tp, gpu_memory_utilization=args.gpu_memory_utilization,
                      max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                      max_num_seqs=args.max_num_seqs, num_steps=args.steps, seed=args.seed)
-    cal = Calibration.identity() if args.raw else default_calibration()
+    model = StepModel.raw() if args.raw else shipped_model()
     lens = None
     if args.output_lengths_from:
         lens = np.asarray(Profile.load(args.output_lengths_from).output_lengths)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"synthesizing {args.hardware} / {model_dir.name}", total=args.steps)
-        prof, kv = synthesize(spec, cal, lens, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        prof, kv = synthesize(spec, model, lens, progress=lambda i, n: bar.update(task, completed=i, total=n))
     if args.raw:
-        prof.meta["label"] = "ESTIMATE: raw aiconfigurator-core kernel sums, uncalibrated"
+        prof.meta["label"] = "ESTIMATE: raw aiconfigurator-core kernel sums, no step-time model"
     prof.meta["command"] = " ".join(sys.argv)
     prof.save(args.out)
     print(f"{prof.num_steps} synthesized steps -> {args.out}")
+    for w in prof.meta.get("coverage_warnings", []):
+        print(f"warning: outside what the step-time model was fitted on: {w}", file=sys.stderr)
     print(f"KV capacity: {kv.arithmetic()}")
-    print(f"calibration: {json.dumps(cal.to_dict()['factor'])}, c0 {cal.c0_ms:.3f} ms")
     from profiles.summary import synth_table
-    from profiles.synth import AicStepModel, hardware
-    aic = AicStepModel(hardware(args.hardware), prof.fingerprint["aic_model"], args.dtype, args.tp,
-                       int(prof.fingerprint["max_num_seqs"]))
-    print(synth_table(args.out, exact=lambda s: cal.apply(aic.raw_ms(s), s.phase)))
+    from profiles.stepmodel import AicBreakdown, Deployment
+    d = prof.fingerprint
+    dep = Deployment(d["hardware"], d["aic_model"], args.dtype, args.tp, int(d["max_num_seqs"]),
+                     d["model_dims"]["num_layers"], d["model_dims"]["hidden_size"])
+    aic = AicBreakdown(dep)
+    print(synth_table(args.out, exact=lambda s: model.step_ms(aic.parts(s), dep)))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    """Print the calibration table: raw AIC vs calibrated, on data each fit did not see."""
-    from profiles.calibration import aic_estimators, calibration_table, reference_datasets
-    ds = reference_datasets()
-    print(calibration_table(ds, aic_estimators(ds)))
+    """Print the cross-validation table by configuration; with --write, refit and ship the model."""
+    from profiles.calibration import calibration_table, default_model, observations
+    from profiles.stepmodel import SHIPPED
+    obs = observations()
+    print(calibration_table(obs))
+    if args.write:
+        m = default_model(obs)
+        SHIPPED.write_text(json.dumps(m.to_dict(), indent=1) + "\n")
+        print(f"wrote {SHIPPED}")
     return 0
 
 
@@ -189,8 +197,8 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", formatter_class=_DEFAULTS,
                        help="build a profile from ProfilingExecutor traces")
-    p.add_argument("traces", nargs="+")
-    p.add_argument("-o", "--out", required=True)
+    p.add_argument("traces", nargs="+", help="ProfilingExecutor trace files (JSONL), one per server start")
+    p.add_argument("-o", "--out", required=True, help="profile file to write (.emuprof.zst)")
     p.add_argument("--warmup-steps", type=_warmup_counts, default=50,
                    help="leading steps dropped from each trace: one count, or one per trace (comma-separated)")
     p.set_defaults(fn=cmd_build)
@@ -209,15 +217,19 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM 0.32's for that GPU")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM 0.32's for that GPU")
     p.add_argument("--steps", type=int, default=12000, help="step shapes in the table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="no calibration (raw AIC kernel sums)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the step shapes drawn")
+    p.add_argument("--raw", action="store_true", help="no step-time model (raw AIC kernel sums)")
     p.add_argument("--output-lengths-from", default="cpu-epyc-2c_mistral-h1024-l8",
                    help="profile whose natural output lengths to reuse for EOS draws ('' for none)")
     p.add_argument("-o", "--out", required=True, help="profile file to write (.emuprof.zst)")
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("calibrate", formatter_class=_DEFAULTS,
-                       help="raw vs calibrated AIC error on the reference GPU measurements (profiles/reference)")
+                       help="the GPU step-time model's error by configuration, each scored by a fit that never saw it "
+                            "(profiles/reference)")
+    p.add_argument("--write", action="store_true",
+                   help="refit on every reference observation and write profiles/reference/stepmodel.json (what "
+                        "synth uses)")
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("inspect", formatter_class=_DEFAULTS,
@@ -229,8 +241,8 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-llm-emu", formatter_class=_DEFAULTS,
                        help="convert an LLM-Emu serving_step_cycle_2d JSON pack")
-    p.add_argument("pack")
-    p.add_argument("-o", "--out", required=True)
+    p.add_argument("pack", help="LLM-Emu serving_step_cycle_2d JSON pack")
+    p.add_argument("-o", "--out", required=True, help="profile file to write (.emuprof.zst)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("validate", formatter_class=_DEFAULTS,

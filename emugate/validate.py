@@ -71,7 +71,7 @@ def add_validate_args(p) -> None:
     p.add_argument("--burstiness", default="1,0.25", help="gamma shapes, comma-separated (1 = Poisson)")
     p.add_argument("--points", default=None,
                    help="explicit RATE:BURSTINESS pairs, e.g. 0.5:1,1:1,1.5:1,1:0.25 (overrides the two above)")
-    p.add_argument("--num-prompts", type=int, default=60)
+    p.add_argument("--num-prompts", type=int, default=60, help="ShareGPT requests per run (each point runs 3)")
     p.add_argument("--seed", type=int, default=7, help="validation seed (the capture uses 1000)")
     p.add_argument("--warmup-prompts", type=int, default=40,
                    help="unmeasured requests (4 req/s) that warm each server up before the sweep")
@@ -166,6 +166,7 @@ def write_reports(rows: list[dict], out: Path) -> None:
                       "the emulator's error there is mostly the capture's offset, not the scheduler):", *flags]
     lines += engine_lines(rows)
     (out / "validate.md").write_text("\n".join(lines) + "\n")
+    (out / "validate.json").write_text(json.dumps(summary_doc(rows, info), indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -184,6 +185,66 @@ def write_reports(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "validate.png", dpi=90)
     plt.close(fig)
+
+
+def summary_doc(rows: list[dict], info: dict) -> dict:
+    """``validate.json``: what the fidelity docs page is generated from (no per-request data).
+
+    ``{"profile", "start_spread", "points": [{"rate", "burstiness", "metrics": {key: {"real", "real2",
+    "emulated", "error_pct", "noise_pct"}}, "engine": {run: figures}, "oracle_bias_pct": {run: %}}]}``
+    """
+    points = []
+    for r in rows:
+        points.append({
+            "rate": r["rate"], "burstiness": r["burst"],
+            "metrics": {k: {"real": r["real"][k], "real2": r["real2"][k], "emulated": r["emu"][k],
+                            "error_pct": round(r["cmp"][k][0], 3), "noise_pct": round(r["cmp"][k][1], 3)}
+                        for k in METRIC_KEYS},
+            "engine": {n: r[n].get("engine") for n in ("real", "emu", "real2") if r[n].get("engine")},
+            "oracle_bias_pct": {n: r[n]["oracle_bias_pct"] for n in ("real", "real2") if "oracle_bias_pct" in r[n]},
+        })
+    return {"profile": info.get("profile"), "start_spread": info.get("start_spread"), "points": points}
+
+
+def fidelity_markdown(doc: dict, title: str) -> list[str]:
+    """Markdown of a ``validate.json`` (:func:`summary_doc`): the error table with the real pair's
+    difference, the oracle's bias on the real steps and the flags, against LLM-Emu's bounds."""
+    from profiles.spread import describe_spread
+    means = ("mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms", "output_throughput")
+    short = {"mean_ttft_ms": "TTFT", "mean_tpot_ms": "TPOT", "mean_itl_ms": "ITL", "mean_e2el_ms": "E2EL",
+             "output_throughput": "out tok/s"}
+    bound = {k: BOUNDS[k.replace("mean_", "").replace("_ms", "")] for k in means}
+    lines = [f"## {title}", "", f"Profile `{Path(str(doc.get('profile'))).name}`: "
+             f"{describe_spread(doc.get('start_spread'))}.", "",
+             "Each cell: % error of the emulated run's mean against the mean of two real runs on two server starts; "
+             "in brackets the real runs' own difference (real2 - real1). **Bold**: beyond LLM-Emu's published "
+             "bound (TTFT 10.4, TPOT/ITL 4.8, E2EL 5.3, throughput 1.9 %).", "",
+             "| rate (req/s) | burstiness | " + " | ".join(short[k] for k in means)
+             + " | oracle on real steps | preemptions (real / emu / real2) |",
+             "|---:|---:|" + "---:|" * len(means) + "---:|---:|"]
+    within = total = 0
+    flags = []
+    for p in doc["points"]:
+        cells = []
+        for k in means:
+            e, n = p["metrics"][k]["error_pct"], p["metrics"][k]["noise_pct"]
+            ok = abs(e) <= bound[k]
+            within += ok
+            total += 1
+            cells.append(f"{'' if ok else '**'}{e:+.1f}{'' if ok else '**'} ({n:+.1f})")
+        b = p.get("oracle_bias_pct", {})
+        bias = " / ".join(f"{b[n]:+.1f}" for n in ("real", "real2") if n in b) or "n/a"
+        pre = " / ".join(f"{p['engine'][n]['preemptions']:.0f}" for n in ("real", "emu", "real2")
+                         if n in p.get("engine", {})) or "n/a"
+        lines.append(f"| {p['rate']} | {p['burstiness']} | " + " | ".join(cells) + f" | {bias} | {pre} |")
+        if b:
+            f = bias_flag(sum(b.values()) / len(b))
+            if f:
+                flags.append(f"- {p['rate']} req/s, burstiness {p['burstiness']}: {f}")
+    lines += ["", f"{within} of {total} means within LLM-Emu's bounds."]
+    if flags:
+        lines += ["", "Flagged points:", *flags]
+    return lines
 
 
 #: Engine figures shown per point in validate.md (the JSONs hold all of ``ENGINE_KEYS``).

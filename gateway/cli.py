@@ -33,7 +33,8 @@ def build_parser(prog: str = "emugate serve") -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=None, help="override [gateway].port")
     ap.add_argument("--no-launch", action="store_true",
                     help="do not start vLLM: attach to servers already listening on the configured ports")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="the gateway's log level (its replicas log at vLLM's own)")
     return ap
 
 

@@ -33,31 +33,33 @@ class GatewaySettings(_Strict):
     with images as data URLs a few MiB) and for multi-minute generations.
     """
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address the gateway listens on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the gateway listens on")
     api_keys: list[SecretStr] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth "
                                       "(held as secrets: never logged, echoed or shown in repr)")
     api_keys_env: str | None = Field(None, description="environment variable holding more keys (comma-separated)")
     api_keys_file: str | None = Field(None, description="file holding more keys, one per line ('#' comments)")
     metrics_require_key: bool = Field(True, description="with keys set, /metrics needs one too")
-    routing: Literal["least_outstanding", "kv_aware", "prefix_affinity", "session_affinity"] = "least_outstanding"
-    connect_timeout_s: float = Field(5.0, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0, description="whole request, from its first byte to its last")
-    idle_timeout_s: float = Field(300.0, gt=0, description="longest silence from a replica mid-response")
-    header_timeout_s: float = Field(10.0, gt=0, description="client must send its request headers within this")
-    body_timeout_s: float = Field(60.0, gt=0, description="client must send its whole request body within this")
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, let in-flight requests finish this long")
+    routing: Literal["least_outstanding", "kv_aware", "prefix_affinity", "session_affinity"] = Field(
+        "least_outstanding", description="how a request's replica is chosen among a model's ready replicas "
+                                         "(gateway/routing.py)")
+    connect_timeout_s: float = Field(5.0, gt=0, description="to open a connection to a replica (s)")
+    request_timeout_s: float = Field(600.0, gt=0, description="whole request, from its first byte to its last (s)")
+    idle_timeout_s: float = Field(300.0, gt=0, description="longest silence from a replica mid-response (s)")
+    header_timeout_s: float = Field(10.0, gt=0, description="client must send its request headers within this (s)")
+    body_timeout_s: float = Field(60.0, gt=0, description="client must send its whole request body within this (s)")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies get 413 (bytes)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, let in-flight requests finish this long (s)")
     startup_timeout_s: float = Field(900.0, gt=0, description="a replica not healthy this long after its start "
-                                                              "is stopped and marked failed")
+                                                              "is stopped and marked failed (s)")
     max_start_failures: int = Field(3, ge=1, description="a replica that exits this many times in a row "
                                                          "without becoming ready is marked failed")
     queue_limit: int = Field(0, ge=0, description="max requests in flight through the gateway, counted from "
                                                   "arrival (before the body is read); more get 429; 0: unlimited")
     max_concurrency_per_key: int = Field(0, ge=0, description="max requests in flight per client key, counted "
                                                               "from arrival; more get 429; 0: unlimited")
-    metrics_poll_s: float = Field(1.0, gt=0, description="how often backends' /metrics are read (kv_aware)")
-    log_requests: bool = False
+    metrics_poll_s: float = Field(1.0, gt=0, description="how often backends' /metrics are read (kv_aware; s)")
+    log_requests: bool = Field(False, description="log one line per request (id, model, replica, status, ms)")
 
     def resolved_api_keys(self) -> list[SecretStr]:
         """Every accepted key (as secrets): ``api_keys`` plus those in ``api_keys_env`` and ``api_keys_file``.
@@ -88,24 +90,27 @@ class GatewaySettings(_Strict):
 class BackendConfig(_Strict):
     """``[[backends]]``: one served model, real or emulated, with its replicas."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the backend's name in logs and metric labels")
     model: str = Field(description="model directory, bundled model name, or hub id (real mode)")
-    served_model_name: str | None = None
-    mode: Literal["real", "emulate"] = "emulate"
+    served_model_name: str | None = Field(None, description="the name clients put in `model` (default: `model`)")
+    mode: Literal["real", "emulate"] = Field("emulate", description="real: vLLM's own forward pass on the "
+                                             "accelerator; emulate: step times from `profile`, synthetic tokens")
     profile: str | None = Field(None, description="emulate: profile file or bundled name")
-    oracle: Literal["feature", "grid2d"] = "feature"
-    seed: int = 0
+    oracle: Literal["feature", "grid2d"] = Field("feature", description="emulate: the latency oracle "
+                                                 "(profiles/oracle.py); grid2d is LLM-Emu's baseline")
+    seed: int = Field(0, description="emulate: seed of latency and token draws (replica i uses seed + i)")
     capture_trace: str | None = Field(
         None, description="record a step trace here: real steps (ProfilingExecutor) or, in emulate mode, the "
                           "emulated steps as served (EmulatedProfilingExecutor), for step-by-step comparison")
-    replicas: int = Field(1, ge=1, le=64)
-    ports: list[int] | None = Field(None, description="one per replica; default: free ports")
-    max_model_len: int | None = Field(None, ge=16)
-    tensor_parallel_size: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, le=64, description="vLLM servers of this backend, behind the routing policy")
+    ports: list[int] | None = Field(None, description="one loopback TCP port per replica; default: each replica "
+                                                      "listens on a Unix socket in the gateway's private directory")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM's --max-model-len (tokens)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM's --tensor-parallel-size (GPUs per replica)")
     gpu_ids: list[str] | None = Field(None, description="CUDA_VISIBLE_DEVICES per replica, e.g. ['0', '1']")
     tokenizer_mode: str | None = Field(None, description="default: 'mistral' when the model dir has tekken.json")
     load_format: str | None = Field(None, description="real: e.g. 'dummy' for random weights")
-    dtype: str | None = None
+    dtype: str | None = Field(None, description="vLLM's --dtype, e.g. bfloat16")
     extra_args: list[str] = Field(default_factory=list, description="appended to vLLM's command line")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of this backend's "
                                 "replicas (values are never echoed in errors nor written into profiles)")
@@ -141,8 +146,8 @@ class BackendConfig(_Strict):
 class Config(_Strict):
     """A whole gateway configuration file."""
 
-    gateway: GatewaySettings = GatewaySettings()
-    backends: list[BackendConfig] = Field(min_length=1)
+    gateway: GatewaySettings = Field(GatewaySettings(), description="the `[gateway]` table")
+    backends: list[BackendConfig] = Field(min_length=1, description="one `[[backends]]` table per served model")
 
     @model_validator(mode="after")
     def _unique(self):

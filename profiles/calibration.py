@@ -1,31 +1,26 @@
-"""Calibrating AIConfigurator's step estimates against real vLLM measurements.
+"""The real GPU measurements a synthesized profile's step times are fitted on and judged against.
 
-AIC sums kernel times; a real vLLM step also pays the sampler, the scheduler's
-host work that is not overlapped, kernel launches outside CUDA graphs and
-padding. The reference files (``profiles/reference/``, provenance in its
-README) measured real steps, so the correction is fitted on them:
+Reference data (``profiles/reference/``, provenance in its README), each tied to one configuration
+(GPU x model x TP x dtype, :class:`profiles.stepmodel.Deployment`):
 
-    step_ms = c0 + f_phase x aic_ms        (phase: decode, prefill, mixed)
+* LLMServingSim's step table: RTX PRO 6000, Llama-3.1-8B bf16, TP1 (whole steps, with their
+  CUDA-graph mode);
+* Dynamo's planner profile: H200, Llama-3.1-8B FP8, TP1 (decode ITL; prefill TTFT, which also holds
+  the request path: those points get a per-dataset path term);
+* InferenceX: Llama-3.1-70B FP8 on H100 (TP2, 4, 8), H200 and B200 (TP1, 2, 4, 8), client TPOT at
+  concurrency 4-64 for random 1k/1k, 1k/8k and 8k/1k (serving level: each TPOT is modelled as the
+  mean step of a closed loop, :func:`load_inferencex`).
 
-by least squares on relative error (rows weighted 1/real). ``c0`` is a per-step
-overhead, ``f_phase`` the per-phase factor (``mixed`` falls back to the decode
-factor when the fitting data has no mixed step). One dataset (Dynamo's H200
-prefill curve) measured TTFT of a lone request, which adds the request path
-(tokenize, schedule, first token out) to the prefill steps: its rows get a
-dataset-specific ``path_ms`` term. Fitted on that dataset it is a parameter;
-when a calibration from elsewhere is *evaluated* on it, ``path_ms`` is taken from
-its smallest prompt (that row is then left out of the error), the same way for
-raw AIC and calibrated, so neither gets an advantage.
-
-Errors are always reported on data the calibration did not see: fit on one
-dataset, report on the other, and the reverse (:func:`cross_validate`).
+:func:`observations` turns them into :class:`profiles.stepmodel.Observation` rows;
+:func:`profiles.stepmodel.cross_validate` scores every configuration with a fit that never saw it.
+:class:`Calibration` is the earlier model (``step = c0 + f_phase x AIC``), kept to put its numbers
+beside the step model's on the same configurations.
 """
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -33,89 +28,126 @@ from profiles.synth import StepShape
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 PHASES = ("decode", "prefill", "mixed")
+LLAMA_8B, LLAMA_70B = "meta-llama/Meta-Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-70B"
 
 
-@dataclass(frozen=True)
-class RefPoint:
-    """One real measurement: the step(s) it covers and the measured time (ms).
+def _dep(hw: str, model: str, dtype: str, tp: int, max_num_seqs: int):
+    from profiles.stepmodel import Deployment
+    layers, hidden = (32, 4096) if model == LLAMA_8B else (80, 8192)
+    return Deployment(hw, model, dtype, tp, max_num_seqs, layers, hidden)
 
-    ``shapes`` has one entry for a step measurement, several for a TTFT that spans chunked
-    prefill steps; ``with_path``: the figure includes the request path (TTFT).
+
+def load_rtx_llmservingsim() -> list:
+    """LLMServingSim's per-step table, vLLM 0.28, RTX PRO 6000 Blackwell Server, Llama-3.1-8B bf16, TP1.
+
+    Each row is one engine step: ``n_decode`` decodes at ``kv_decode`` context each plus a
+    ``prefill_chunk`` (a prefill chunk is taken with no cached prefix), in the CUDA-graph mode the
+    row names (``full``, ``piecewise``, ``none``). max_num_seqs 256.
     """
-
-    dataset: str
-    phase: str
-    shapes: tuple[StepShape, ...]
-    real_ms: float
-    with_path: bool = False
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class RefDataset:
-    """A reference file's points plus what AIC must be told to model them."""
-
-    name: str
-    hardware: str
-    dtype: str
-    max_num_seqs: int
-    points: tuple[RefPoint, ...]
-    note: str
+    from profiles.stepmodel import AicBreakdown, Observation
+    dep = _dep("rtx-pro-6000", LLAMA_8B, "bf16", 1, 256)
+    aic = AicBreakdown(dep)
+    out = []
+    with open(REFERENCE_DIR / "rtxpro6000_llama-3.1-8b-bf16_llmservingsim-step.csv") as f:
+        for r in csv.DictReader(f):
+            nd, kv, pc = int(r["n_decode"]), int(r["kv_decode"]), int(r["prefill_chunk"])
+            s = StepShape(1 if pc else 0, pc, 0, nd, nd * kv)
+            out.append(Observation(dep, s.phase, (aic.parts(s, graph=r["branch"]),), (1.0,),
+                                   float(r["step_us"]) / 1000.0, "rtxpro6000-llmservingsim", shape=s))
+    return out
 
 
-def load_h200_dynamo(max_num_seqs: int = 1024, max_num_batched_tokens: int = 8192) -> RefDataset:
-    """Dynamo's H200 Llama-3.1-8B FP8 planner profile (decode ITL and prefill TTFT).
+def load_h200_dynamo(max_num_seqs: int = 1024, max_num_batched_tokens: int = 8192) -> list:
+    """Dynamo's H200 Llama-3.1-8B FP8 planner profile (decode ITL and prefill TTFT), TP1.
 
-    Decode: running requests = kv_usage x max_kv_tokens / context (the file's own
-    definition); points whose batch exceeds ``max_num_seqs`` (vLLM's cap on H200, 1024)
-    are left out: the engine cannot have run them, and their ITL flattens. Prefill: one
-    request of N prompt tokens, chunked at ``max_num_batched_tokens`` (vLLM's H200 default).
+    Decode: running requests = kv_usage x max_kv_tokens / context (the file's own definition);
+    points whose batch exceeds ``max_num_seqs`` (vLLM's cap on H200, 1024) are left out. Prefill:
+    one request of N prompt tokens, chunked at ``max_num_batched_tokens`` (vLLM's H200 default),
+    plus the request path (``path``).
     """
-    pts: list[RefPoint] = []
-    name = "h200-dynamo"
+    from profiles.stepmodel import AicBreakdown, Observation
+    dep = _dep("h200", LLAMA_8B, "fp8", 1, max_num_seqs)
+    aic = AicBreakdown(dep)
+    out, name = [], "h200-dynamo"
     with open(REFERENCE_DIR / "h200_llama-3.1-8b-fp8_dynamo-decode.csv") as f:
         for r in csv.DictReader(f):
             ctx = int(r["context_tokens"])
             b = max(1, round(float(r["kv_usage"]) * int(r["max_kv_tokens"]) / ctx))
             if b > max_num_seqs:
                 continue
-            pts.append(RefPoint(name, "decode", (StepShape(0, 0, 0, b, b * ctx),), float(r["itl_ms"]),
-                                label=f"decode b={b} ctx={ctx}"))
+            s = StepShape(0, 0, 0, b, b * ctx)
+            out.append(Observation(dep, "decode", (aic.parts(s),), (1.0,), float(r["itl_ms"]), name, shape=s))
     with open(REFERENCE_DIR / "h200_llama-3.1-8b-fp8_dynamo-prefill.csv") as f:
         for r in csv.DictReader(f):
-            n, done, chunks = int(r["prompt_tokens"]), 0, []
+            n, done, parts = int(r["prompt_tokens"]), 0, []
             while done < n:
                 c = min(max_num_batched_tokens, n - done)
-                chunks.append(StepShape(1, c, done, 0, 0))
+                parts.append(aic.parts(StepShape(1, c, done, 0, 0)))
                 done += c
-            pts.append(RefPoint(name, "prefill", tuple(chunks), float(r["ttft_ms"]), with_path=True,
-                                label=f"prefill TTFT {n}"))
-    return RefDataset(name, "h200", "fp8", max_num_seqs, tuple(pts),
-                      "NVIDIA Dynamo planner profile, vLLM, 1x H200, Llama-3.1-8B-Instruct-FP8")
+            out.append(Observation(dep, "prefill", tuple(parts), (1.0,) * len(parts), float(r["ttft_ms"]), name,
+                                   path=True))
+    return out
 
 
-def load_rtx_llmservingsim() -> RefDataset:
-    """LLMServingSim's per-step table, vLLM 0.28, RTX PRO 6000 Blackwell Server, Llama-3.1-8B bf16.
+#: InferenceX GPU names -> emugate hardware names.
+_IX_GPU = {"H100": "h100-sxm", "H200": "h200", "B200": "b200"}
 
-    Each row is one engine step: ``n_decode`` decodes at ``kv_decode`` context each plus a
-    ``prefill_chunk`` (the file sets ``kv_decode`` also on prefill-only rows; a prefill
-    chunk is taken with no cached prefix). max_num_seqs 256 (the file's README).
+
+def tpot_steps(aic, c: int, isl: int, osl: int, max_num_batched_tokens: int) -> tuple[tuple, tuple[float, ...]]:
+    """A closed loop's mean step as a weighted sum of steps: (AicParts..., weights).
+
+    At concurrency ``c`` with ``isl`` prompt and ``osl`` output tokens, each step decodes ``c``
+    requests (mean context ``isl + osl/2``), and per step ``c / osl`` new prompts are prefilled in
+    chunks of ``max_num_batched_tokens - c`` riding on a decode batch (chunked prefill). So the mean
+    step = decode step + (c / osl) x sum over a prompt's chunks of (mixed step - decode step): what a
+    request's TPOT measures, since its decode steps share the engine with the others' prefills.
     """
-    pts: list[RefPoint] = []
-    name = "rtxpro6000-llmservingsim"
-    with open(REFERENCE_DIR / "rtxpro6000_llama-3.1-8b-bf16_llmservingsim-step.csv") as f:
+    ctx = isl + osl // 2
+    dec = aic.parts(StepShape(0, 0, 0, c, c * ctx))
+    parts, weights = [dec], [1.0]
+    room, done = max(1, max_num_batched_tokens - c), 0
+    while done < isl:
+        chunk = min(room, isl - done)
+        parts.append(aic.parts(StepShape(1, chunk, done, c, c * ctx)))
+        weights.append(c / osl)
+        parts.append(dec)
+        weights.append(-c / osl)
+        done += chunk
+    return tuple(parts), tuple(weights)
+
+
+def load_inferencex() -> list:
+    """InferenceX's vLLM TPOT points for Llama-3.1-70B FP8 (H100 TP2-8, H200 and B200 TP1-8), as
+    closed-loop mean steps (:func:`tpot_steps`), one configuration per (GPU, TP). TensorRT-LLM rows
+    are left out; so are points whose batch x context exceeds the KV pool (they preempt)."""
+    from profiles.stepmodel import AicBreakdown, Observation
+    from profiles.synth import ModelDims, hardware, kv_capacity, vllm_scheduler_defaults
+    from profiles.assets import resolve_model_dir
+    dims = ModelDims.from_config(resolve_model_dir("llama-3.1-70b"))
+    out, aics = [], {}
+    with open(REFERENCE_DIR / "inferencex_llama-3.1-70b-fp8_tpot-ttft_by-tp.csv") as f:
         for r in csv.DictReader(f):
-            nd, kv, pc = int(r["n_decode"]), int(r["kv_decode"]), int(r["prefill_chunk"])
-            s = StepShape(1 if pc else 0, pc, 0, nd, nd * kv)
-            pts.append(RefPoint(name, s.phase, (s,), float(r["step_us"]) / 1000.0,
-                                label=f"{r['branch']} n_decode={nd} kv={kv} chunk={pc}"))
-    return RefDataset(name, "rtx-pro-6000", "bf16", 256, tuple(pts),
-                      "casys-kaist/LLMServingSim profiler table, vLLM 0.28.0, RTX PRO 6000 Blackwell Server")
+            if r["engine"] != "vLLM":
+                continue
+            hw, tp = _IX_GPU[r["gpu"]], int(r["tp"])
+            mnbt, mns = vllm_scheduler_defaults(hardware(hw))
+            key = (hw, tp)
+            if key not in aics:
+                kv = kv_capacity(hardware(hw), dims, "fp8", tp, 0.9, mnbt, mns)
+                aics[key] = (AicBreakdown(_dep(hw, LLAMA_70B, "fp8", tp, mns)), kv.tokens)
+            aic, kv_tokens = aics[key]
+            c, isl, osl = int(r["concurrency"]), int(r["input_len"]), int(r["output_len"])
+            if c * (isl + osl) > kv_tokens:
+                continue
+            parts, weights = tpot_steps(aic, c, isl, osl, mnbt)
+            out.append(Observation(aic.dep, "tpot", parts, weights, float(r["tpot_us"]) / 1000.0,
+                                   f"inferencex-{hw}-tp{tp}"))
+    return out
 
 
-def reference_datasets() -> list[RefDataset]:
-    """Every reference dataset in ``profiles/reference``."""
-    return [load_h200_dynamo(), load_rtx_llmservingsim()]
+def observations() -> list:
+    """Every reference observation (needs aiconfigurator-core for the AIC split of each step)."""
+    return load_rtx_llmservingsim() + load_h200_dynamo() + load_inferencex()
 
 
 @dataclass
@@ -151,147 +183,67 @@ class Calibration:
                 "factor": {k: round(v, 4) for k, v in self.factor.items()}, "fitted_on": self.fitted_on,
                 "errors": self.errors}
 
-
-Estimator = Callable[[StepShape], float]
-
-
-def _raw_rows(ds: RefDataset, est: Estimator) -> list[tuple[RefPoint, dict[str, float], int]]:
-    """Per point: raw AIC ms summed per phase over its shapes, and its step count."""
-    rows = []
-    for p in ds.points:
-        per: dict[str, float] = {}
-        for s in p.shapes:
-            per[s.phase] = per.get(s.phase, 0.0) + est(s)
-        rows.append((p, per, len(p.shapes)))
-    return rows
+    def predict(self, o) -> float:
+        """The old model's figure for an observation (:class:`profiles.stepmodel.Observation`)."""
+        return sum(w * self.apply(p.gemm + p.attn + p.comm, p.phase) for p, w in zip(o.parts, o.weights))
 
 
-def fit(datasets: Iterable[RefDataset], estimators: dict[str, Estimator]) -> Calibration:
-    """Fit ``c0`` and the per-phase factors on ``datasets`` (relative least squares).
-
-    Columns: c0 (times the point's step count), one factor per phase seen, one path term per
-    dataset with TTFT rows. A factor or c0 that comes out negative is fixed at 0 and the
-    rest refitted. Raises ValueError with no points.
-    """
-    datasets = list(datasets)
-    rows = [r for ds in datasets for r in _raw_rows(ds, estimators[ds.name])]
-    if not rows:
-        raise ValueError("no reference points to fit")
-    phases = [ph for ph in PHASES if any(ph in per for _, per, _ in rows)]
-    path_sets = sorted({p.dataset for p, _, _ in rows if p.with_path})
-    names = ["c0"] + phases + [f"path:{d}" for d in path_sets]
-    X = np.zeros((len(rows), len(names)))
-    y = np.array([p.real_ms for p, _, _ in rows])
-    for i, (p, per, k) in enumerate(rows):
-        X[i, 0] = k
-        for ph, v in per.items():
-            X[i, names.index(ph)] = v
-        if p.with_path:
-            X[i, names.index(f"path:{p.dataset}")] = 1.0
-    w = 1.0 / y
-    active = list(range(len(names)))
-    while True:
-        sol, *_ = np.linalg.lstsq(X[:, active] * w[:, None], y * w, rcond=None)
-        neg = [a for a, v in zip(active, sol) if v < 0]
-        if not neg:
-            break
-        active = [a for a in active if a not in neg]
-    coef = dict.fromkeys(names, 0.0)
-    coef.update({names[a]: float(v) for a, v in zip(active, sol)})
-    factor = {ph: coef.get(ph, 0.0) for ph in phases}
-    factor.setdefault("decode", 1.0)
-    factor.setdefault("prefill", 1.0)
-    factor.setdefault("mixed", factor["decode"])
-    return Calibration(coef["c0"], factor, [d.name for d in datasets])
+#: The calibration synthesized profiles used before the step-time model: fitted on the H200 Dynamo and
+#: RTX PRO 6000 step data (README history); kept to put its numbers beside the model's.
+OLD_CALIBRATION = Calibration(0.0, {"decode": 1.21, "prefill": 1.06, "mixed": 1.33},
+                              ["h200-dynamo", "rtx-llmservingsim"])
 
 
-def errors(cal: Calibration, ds: RefDataset, est: Estimator) -> dict[str, dict[str, float]]:
-    """|error| % of ``cal`` on every point of ``ds``, per phase: {phase: {median, p90, n}}.
-
-    TTFT points: path_ms comes from the smallest prompt's point (left out of the error).
-    """
-    rows = _raw_rows(ds, est)
-    path_ms = 0.0
-    ttft = [(p, per, k) for p, per, k in rows if p.with_path]
-    skip = None
-    if ttft:
-        first = min(ttft, key=lambda r: sum(s.prefill_tokens for s in r[0].shapes))
-        skip = first[0]
-        path_ms = first[0].real_ms - _predict(cal, first[1], first[2])
-    errs: dict[str, list[float]] = {}
-    for p, per, k in rows:
-        if p is skip:
-            continue
-        pred = _predict(cal, per, k) + (path_ms if p.with_path else 0.0)
-        errs.setdefault(p.phase, []).append(abs(pred - p.real_ms) / p.real_ms * 100.0)
-    return {ph: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "n": len(v)}
-            for ph, v in errs.items()}
-
-
-def _predict(cal: Calibration, per: dict[str, float], k: int) -> float:
-    """Calibrated time of a point's k steps given raw AIC ms per phase."""
-    return k * cal.c0_ms + sum(cal.factor.get(ph, 1.0) * v for ph, v in per.items())
-
-
-def cross_validate(datasets: list[RefDataset], estimators: dict[str, Estimator]) -> list[dict]:
-    """Rows ``{dataset, phase, n, raw_median, raw_p90, cal_median, cal_p90, fitted_on}``:
-    for each dataset, raw AIC vs the calibration fitted on all the *other* datasets."""
-    out = []
-    for ds in datasets:
-        others = [d for d in datasets if d is not ds]
-        cal = fit(others, estimators)
-        raw = errors(Calibration.identity(), ds, estimators[ds.name])
-        got = errors(cal, ds, estimators[ds.name])
-        for ph in PHASES:
-            if ph in got:
-                out.append({"dataset": ds.name, "phase": ph, "n": got[ph]["n"],
-                            "raw_median": raw[ph]["median"], "raw_p90": raw[ph]["p90"],
-                            "cal_median": got[ph]["median"], "cal_p90": got[ph]["p90"],
-                            "fitted_on": "+".join(d.name for d in others), "calibration": cal.to_dict()})
+def old_errors(obs) -> dict[str, dict[str, list[float]]]:
+    """|error| % of :data:`OLD_CALIBRATION` per configuration label and phase (TTFT points take their
+    path term from the dataset's smallest prompt, as for the step model)."""
+    from profiles.stepmodel import Observation  # noqa: F401  (the type of obs)
+    out: dict[str, dict[str, list[float]]] = {}
+    by_ds: dict[str, list] = {}
+    for o in obs:
+        by_ds.setdefault(o.dataset, []).append(o)
+    for ds_obs in by_ds.values():
+        ttft = [o for o in ds_obs if o.path]
+        skip, path_ms = None, 0.0
+        if ttft:
+            skip = min(ttft, key=lambda o: o.real_ms)
+            path_ms = skip.real_ms - OLD_CALIBRATION.predict(skip)
+        for o in ds_obs:
+            if o is skip:
+                continue
+            pred = OLD_CALIBRATION.predict(o) + (path_ms if o.path else 0.0)
+            out.setdefault(o.dep.label, {}).setdefault(o.phase, []).append(abs(pred - o.real_ms) / o.real_ms * 100)
     return out
 
 
-def aic_estimators(datasets: list[RefDataset], model: str = "meta-llama/Meta-Llama-3.1-8B") -> dict[str, Estimator]:
-    """One raw AIC estimator per reference dataset (its GPU, dtype and max_num_seqs).
-
-    Raises ImportError without aiconfigurator-core (see :class:`profiles.synth.AicStepModel`).
-    """
-    from profiles.synth import AicStepModel, hardware
-    out = {}
-    for ds in datasets:
-        m = AicStepModel(hardware(ds.hardware), model, ds.dtype, 1, ds.max_num_seqs)
-        out[ds.name] = m.raw_ms
-    return out
+def default_model(obs=None):
+    """The step-time model synthesized profiles use: fitted on every reference observation, with the
+    expected error bands (:func:`profiles.stepmodel.error_bands`) from the cross-validation by
+    configuration attached (``errors``)."""
+    from profiles.stepmodel import cross_validate, error_bands, fit
+    obs = obs if obs is not None else observations()
+    model = fit(obs)
+    model.errors = error_bands(cross_validate(obs))
+    return model
 
 
-def default_calibration(datasets: list[RefDataset] | None = None,
-                        estimators: dict[str, Estimator] | None = None) -> Calibration:
-    """The calibration bundled profiles use: fitted on every reference dataset, with each
-    dataset's error measured by the fit on the others attached (``errors``)."""
-    datasets = datasets or reference_datasets()
-    estimators = estimators or aic_estimators(datasets)
-    cal = fit(datasets, estimators)
-    cv = cross_validate(datasets, estimators)
-    cal.errors = {f"{r['dataset']}/{r['phase']}": {k: round(r[k], 2) for k in
-                                                   ("raw_median", "raw_p90", "cal_median", "cal_p90", "n")}
-                  for r in cv}
-    return cal
-
-
-def calibration_table(datasets: list[RefDataset], estimators: dict[str, Estimator]) -> str:
-    """Markdown: per dataset and step class, median / p90 |error| % of raw AIC and of the
-    calibration fitted on the other dataset(s); then the pooled fit bundled profiles use."""
-    lines = ["| reference dataset | step class | points | raw AIC median / p90 | calibrated median / p90 "
-             "| calibration fitted on |", "|---|---|---:|---:|---:|---|"]
-    for r in cross_validate(datasets, estimators):
-        lines.append(f"| {r['dataset']} | {r['phase']} | {r['n']} | {r['raw_median']:.1f} / {r['raw_p90']:.1f} % "
-                     f"| {r['cal_median']:.1f} / {r['cal_p90']:.1f} % | {r['fitted_on']} |")
-    pooled = fit(datasets, estimators)
-    lines.append("")
-    lines.append(f"Pooled fit (what `synth` uses): c0 = {pooled.c0_ms:.3f} ms, factors "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in pooled.factor.items())
-                 + "; its in-sample error: "
-                 + "; ".join(f"{ds.name} " + ", ".join(f"{ph} {e['median']:.1f}/{e['p90']:.1f} %"
-                                                      for ph, e in errors(pooled, ds, estimators[ds.name]).items())
-                             for ds in datasets))
+def calibration_table(obs=None) -> str:
+    """Markdown: per configuration and step class, median / p90 |error| % of raw AIC, of the earlier
+    calibration (shipped values; in-sample on the two step datasets it was fitted on) and of the step
+    model fitted without that configuration (leave one configuration out)."""
+    from profiles.stepmodel import cross_validate, fit
+    obs = obs if obs is not None else observations()
+    cv = cross_validate(obs)
+    old = old_errors(obs)
+    lines = ["| configuration | class | points | raw AIC | earlier calibration | step model, fitted without it |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in cv:
+        o = old.get(r["config"], {}).get(r["phase"], [])
+        tag = "" if r["gpu_measured"] else " (GPU unseen)"
+        olds = f"{np.median(o):.1f} / {np.percentile(o, 90):.1f} %" if o else "n/a"
+        lines.append(f"| {r['config']}{tag} | {r['phase']} | {r['n']} | {r['raw_median']:.1f} / {r['raw_p90']:.1f} % "
+                     f"| {olds} | {r['model_median']:.1f} / {r['model_p90']:.1f} % |")
+    m = fit(obs)
+    lines += ["", "Medians / p90 of |error|. The fit on everything (what `synth` uses): "
+              + ", ".join(f"{k} {v}" for k, v in m.to_dict().items() if k not in ("model", "fitted_on", "errors"))]
     return "\n".join(lines)

@@ -17,6 +17,8 @@ def profile_notes(prof: Profile) -> list[str]:
     lines = []
     if prof.meta.get("estimate") or prof.meta.get("label"):
         lines.append(str(prof.meta.get("label", "ESTIMATE: synthesized profile")))
+        lines += [f"warning: outside what the step-time model was fitted on: {w}"
+                  for w in prof.meta.get("coverage_warnings", [])]
     if prof.fingerprint.get("device_type") == "cpu" or "start_spread" in prof.meta:
         lines.append(describe_spread(prof.meta.get("start_spread")))
     return lines

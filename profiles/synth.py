@@ -1,21 +1,23 @@
-"""Synthesized GPU profiles: step latencies from NVIDIA's AIConfigurator, calibrated.
+"""Synthesized GPU profiles: step latencies from NVIDIA's AIConfigurator and a fitted step-time model.
 
 A *synthesized* profile is an ordinary emugate profile (:mod:`profiles.format`)
 whose step table was not recorded on the hardware but computed, step shape by
-step shape, by ``aiconfigurator-core`` (PyPI, NVIDIA, Apache-2.0): its measured
-kernel tables for vLLM on each GPU, summed per forward pass by
-``aiconfigurator_core.sdk.RustForwardPassPerfModel.estimate_forward_pass_time_ms``
-(~8 us a call here), then corrected by a :class:`~profiles.calibration.Calibration`
-fitted on real vLLM step measurements (``profiles/reference/``). The fingerprint
-says so: ``source = "synthesized"``, the estimator and its data version, the AIC
-system, model, dtype, TP, the calibration and its measured error.
+step shape, from ``aiconfigurator-core`` (PyPI, NVIDIA, Apache-2.0): its measured
+kernel tables for vLLM on each GPU, split per step into GEMM, attention and
+all-reduce sums (:class:`profiles.stepmodel.AicBreakdown`, ~5 us a call here),
+then turned into a step time by the step-time model (:mod:`profiles.stepmodel`)
+fitted on real vLLM measurements (``profiles/reference/``). The fingerprint says
+so: ``source = "synthesized"``, the estimator and its data version, the AIC
+system, model, dtype and TP; the metadata holds the model, its cross-validated
+error band for configurations like this one and what of this configuration lies
+outside the fit.
 
 Everything a user sees of such a profile (``inspect``, the executor's start-up
-log, the README) labels it an estimate.
+log, ``synth``'s output) labels it an estimate with its error band.
 
 ``aiconfigurator_core`` is an optional dependency (``pip install -e ".[synth]"``):
-it is imported only inside :class:`AicStepModel`, so the rest of emugate never
-needs its ~600 MB of tables.
+it is imported only inside :class:`AicStepModel` and :mod:`profiles.stepmodel`,
+so the rest of emugate never needs its ~600 MB of tables.
 
 Step shapes covered (what vLLM 0.32 schedules on that GPU with chunked
 prefill): decode-only batches up to ``max_num_seqs`` with mean contexts up to
@@ -468,18 +470,23 @@ class SynthSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def synthesize(spec: SynthSpec, calibration, output_lengths: np.ndarray | None = None,
+def synthesize(spec: SynthSpec, model=None, output_lengths: np.ndarray | None = None,
                progress: Callable[[int, int], None] | None = None) -> tuple[Profile, KVCapacity]:
     """Build a synthesized profile (and its KV capacity) for ``spec``.
 
-    ``calibration`` is a :class:`profiles.calibration.Calibration` (``identity()`` gives raw
-    AIC). ``output_lengths`` (tokens) are stored for EOS draws. Latencies are stored in us;
-    ``host_gap_us`` is 0 (GPU steps under async scheduling overlap the host's work).
+    ``model`` is a :class:`profiles.stepmodel.StepModel` (default: the shipped fit;
+    ``StepModel.raw()`` gives AIC's kernel sums as they are). ``output_lengths`` (tokens) are stored
+    for EOS draws. Latencies are stored in us; ``host_gap_us`` is 0 (GPU steps under async
+    scheduling overlap the host's work). The profile's metadata carries the label ESTIMATE, the
+    model, its expected error band for configurations like this one (``error_band``) and what about
+    this configuration lies outside the fit (``coverage_warnings``).
 
     Raises:
         ValueError: unknown hardware, unsupported model config, no KV memory left.
-        ImportError / RuntimeError: see :class:`AicStepModel`.
+        ImportError / RuntimeError: see :class:`profiles.stepmodel.AicBreakdown`.
     """
+    from profiles.stepmodel import AicBreakdown, Deployment, band_for, coverage_warnings, error_band_text, shipped_model
+    model = model if model is not None else shipped_model()
     hw = hardware(spec.hardware)
     dims = ModelDims.from_config(spec.model_dir)
     mnbt_d, mns_d = vllm_scheduler_defaults(hw)
@@ -487,7 +494,9 @@ def synthesize(spec: SynthSpec, calibration, output_lengths: np.ndarray | None =
     mns = spec.max_num_seqs or mns_d
     mml = spec.max_model_len or dims.max_position_embeddings
     kv = kv_capacity(hw, dims, spec.dtype, spec.tp, spec.gpu_memory_utilization, mnbt, mns, spec.block_size)
-    aic = AicStepModel(hw, spec.aic_model or spec.model_dir, spec.dtype, spec.tp, mns)
+    aic_model = spec.aic_model or spec.model_dir
+    dep = Deployment(hw.name, aic_model, spec.dtype, spec.tp, mns, dims.num_layers, dims.hidden_size)
+    aic = AicBreakdown(dep)
     shapes = step_shapes(mnbt, mns, mml, kv.tokens, spec.num_steps, spec.seed)
     feature_names = [f.name for f in dataclasses.fields(StepFeatures)]
     cols: dict[str, list[int]] = {k: [] for k in [*feature_names, "latency_us"]}
@@ -495,18 +504,18 @@ def synthesize(spec: SynthSpec, calibration, output_lengths: np.ndarray | None =
         f = shape_features(s)
         for k in feature_names:
             cols[k].append(getattr(f, k))
-        cols["latency_us"].append(int(round(calibration.apply(aic.raw_ms(s), s.phase) * 1000)))
+        cols["latency_us"].append(max(1, int(round(model.step_ms(aic.parts(s), dep) * 1000))))
         if progress is not None and (i % 500 == 0 or i == len(shapes) - 1):
             progress(i + 1, len(shapes))
     steps = {k: np.asarray(v) for k, v in cols.items()}
     steps["host_gap_us"] = np.zeros(len(shapes), dtype=np.uint32)
     fp = {
         "source": "synthesized",
-        "estimator": "aiconfigurator-core RustForwardPassPerfModel",
+        "estimator": "aiconfigurator-core per-op kernel sums + emugate step-time model",
         "estimator_version": AicStepModel.data_version(),
         "aic_system": hw.aic_system, "aic_backend_version": hw.aic_version,
         "device_name": f"{hw.name} (synthesized)", "hardware": hw.name,
-        "model": Path(spec.model_dir).name, "aic_model": aic.model,
+        "model": Path(spec.model_dir).name, "aic_model": aic_model,
         "model_dims": _fingerprint_dims(dims), "dtype": "bfloat16", "weight_dtype": spec.dtype,
         "tensor_parallel_size": spec.tp, "block_size": spec.block_size, "num_kv_blocks": kv.num_blocks,
         "max_num_batched_tokens": mnbt, "max_num_seqs": mns, "max_model_len": mml,
@@ -515,16 +524,19 @@ def synthesize(spec: SynthSpec, calibration, output_lengths: np.ndarray | None =
         "cudagraph_capture_sizes_max": aic.graph_sizes[-1] if aic.graph_sizes else 0,
         "vllm_version": "0.32.0 (scheduler); AIC kernel tables from vLLM " + hw.aic_version,
     }
+    warnings = coverage_warnings(model, dep, dims.linear_params() + dims.embedding_params())
+    _, band = band_for(model, dep)
     meta = {
         "estimate": True,
         # decode context and a prefill's cached prefix cost differently per token on a GPU:
         # mixed steps get their own oracle class and context tokens a coefficient
         # (held-out error with and without: emugate profile inspect on the profile)
         "oracle": {"features": list(LINEAR_FEATURES), "split_mixed": True},
-        "label": ("ESTIMATE: step latencies synthesized by aiconfigurator-core and calibrated on real "
-                  "vLLM measurements, not recorded on this GPU"),
+        "label": (f"ESTIMATE: step latencies synthesized from aiconfigurator-core's kernel tables and a step-time "
+                  f"model fitted on real vLLM measurements, not recorded on this GPU; {error_band_text(model, dep)}"),
+        "error_band": band, "coverage_warnings": warnings,
         "kv_arithmetic": kv.arithmetic(), "kv_capacity": asdict(kv),
-        "calibration": calibration.to_dict(), "spec": asdict(spec),
+        "step_model": model.to_dict(), "spec": asdict(spec),
         "output_lengths_source": "ShareGPT completions as in the bundled CPU profile" if output_lengths is not None
         else "none",
     }

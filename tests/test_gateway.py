@@ -388,3 +388,24 @@ def test_echo_logprobs_and_prompt_logprobs_through_the_gateway_match_real_vllm(g
         if "prompt_logprobs" in body:
             pl = emu.json()["choices"][0]["prompt_logprobs"]
             assert pl[0] is None and len(pl) == emu.json()["usage"]["prompt_tokens"] and all(pl[1:])
+
+
+def test_grafana_dashboard_queries_only_metrics_the_fleet_exports(gw):
+    """Every metric the dashboard (deploy/grafana/emugate-fleet.json) queries exists on a live gateway's
+    /metrics with emulated and real backends, after the traffic that creates each series."""
+    url, *_ = gw
+    httpx.post(url + "/v1/chat/completions", json=_chat("no-such-model"), timeout=30)  # an error series
+    httpx.post(url + "/v1/chat/completions", json=_chat(MODEL, max_tokens=4), timeout=60)
+    with httpx.stream("POST", url + "/v1/chat/completions", json=_chat(MODEL, max_tokens=4, stream=True),
+                      timeout=60) as r:
+        r.read()
+    text = httpx.get(url + "/metrics", timeout=30).text
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    dash = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "emugate-fleet.json").read_text())
+    used = set()
+    for panel in dash["panels"]:
+        for t in panel["targets"]:
+            used |= set(re.findall(r"\b((?:vllm|emugate)[:_][A-Za-z0-9_:]+)", t["expr"]))
+    missing = sorted(used - exported)
+    print(f"dashboard queries {len(used)} metrics: {sorted(used)}")
+    assert used and not missing, f"the dashboard queries metrics the fleet does not export: {missing}"

@@ -36,10 +36,9 @@ def up():
     u.close()
 
 
-@pytest.fixture(scope="module")
-def gw(up, tmp_path_factory):
+def _gateway(up, tmp_path_factory, name: str, deadlines: str):
     port = free_port()
-    tmp = tmp_path_factory.mktemp("gwhttp")
+    tmp = tmp_path_factory.mktemp(name)
     keyfile = tmp / "keys.txt"
     keyfile.write_text("# comment\nfile-key-2\n")
     cfg = tmp / "gw.toml"
@@ -50,10 +49,7 @@ api_keys = ["{KEY}"]
 api_keys_env = "EMUGATE_TEST_KEYS"
 api_keys_file = "{keyfile}"
 max_body_bytes = 1048576
-header_timeout_s = 0.5
-body_timeout_s = 0.8
-request_timeout_s = 2.5
-idle_timeout_s = 20.0
+{deadlines}
 [[backends]]
 name = "scripted"
 model = "scripted"
@@ -65,12 +61,32 @@ model = "dead-model"
 mode = "real"
 ports = [{free_port()}]
 """)
-    proc, log = start_gateway("gateway-http", cfg, "--no-launch", env={"EMUGATE_TEST_KEYS": "env-key-3, env-key-4"})
+    proc, log = start_gateway(name, cfg, "--no-launch", env={"EMUGATE_TEST_KEYS": "env-key-3, env-key-4"})
     url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: status_of(url + "/ready?model=scripted") == 200, 60,
+             what="the gateway to see the scripted upstream ready")
+    return (url, port, log), proc
+
+
+@pytest.fixture(scope="module")
+def gw(up, tmp_path_factory):
+    """The gateway with deadlines far from anything a test waits for (no test depends on this host's speed)."""
+    handle, proc = _gateway(up, tmp_path_factory, "gateway-http", "header_timeout_s = 10.0\nbody_timeout_s = 10.0\n"
+                                                                   "request_timeout_s = 60.0\nidle_timeout_s = 60.0")
     try:
-        wait_for(lambda: status_of(url + "/ready?model=scripted") == 200, 60,
-                 what="the gateway to see the scripted upstream ready")
-        yield url, port, log
+        yield handle
+    finally:
+        proc.stop(grace_s=10)
+
+
+@pytest.fixture(scope="module")
+def gw_deadlines(up, tmp_path_factory):
+    """The gateway with short deadlines, for the tests that make them fire (nothing else runs against it)."""
+    handle, proc = _gateway(up, tmp_path_factory, "gateway-http-deadlines",
+                            "header_timeout_s = 0.5\nbody_timeout_s = 0.8\nrequest_timeout_s = 2.5\n"
+                            "idle_timeout_s = 20.0")
+    try:
+        yield handle
     finally:
         proc.stop(grace_s=10)
 
@@ -282,8 +298,8 @@ def test_client_disconnect_before_the_response_aborts_upstream(gw, up):
     wait_for(lambda: len(up.closed_by_peer) > n0, 5, what="the gateway to close the upstream connection")
 
 
-def test_request_timeout_is_a_504_and_cancels_upstream(gw, up):
-    url, _, _ = gw
+def test_request_timeout_is_a_504_and_cancels_upstream(gw_deadlines, up):
+    url, _, _ = gw_deadlines
     n0 = len(up.closed_by_peer)
     r = httpx.post(url + "/v1/completions", json={"model": MODEL}, headers={**AUTH, "x-script": "hang"},
                    timeout=30)
@@ -324,8 +340,8 @@ def test_body_over_max_body_bytes_is_413(gw):
     assert httpx.post(url + "/v1/completions", json={"model": MODEL}, headers=AUTH).status_code == 200
 
 
-def test_slow_headers_and_slow_body_get_408(gw):
-    _, port, _ = gw
+def test_slow_headers_and_slow_body_get_408(gw_deadlines):
+    _, port, _ = gw_deadlines
     c = RawClient(port)
     c.send(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")  # never finishes its headers
     r = c.response()
@@ -449,7 +465,7 @@ def _answer_to_junk(port: int, junk: bytes) -> bytes:
     """The head of what the gateway answers to ``junk``: b"" for a clean close without a status line.
 
     Raises AssertionError when the gateway neither answers nor closes within 5 s: the header deadline is
-    0.5 s here, so silence past it is a hang.
+    0.5 s on ``gw_deadlines``, so silence past 10 times that is a hang.
     """
     s = socket.create_connection(("127.0.0.1", port))
     s.settimeout(5)
@@ -470,16 +486,16 @@ def _answer_to_junk(port: int, junk: bytes) -> bytes:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(junk=st.binary(min_size=1, max_size=200))
-def test_malformed_http_gets_an_answer_or_a_clean_close(gw, junk):
-    _, port, _ = gw
+def test_malformed_http_gets_an_answer_or_a_clean_close(gw_deadlines, junk):
+    _, port, _ = gw_deadlines
     data = _answer_to_junk(port, junk)
     # uvicorn answers unparsable requests with 400; a well-formed prefix waits for more and gets 408 from the
     # header deadline; the path rule answers 400/401/404/414; never a 5xx and never silence
     assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:100]
 
 
-def test_gateway_still_serves_after_malformed_requests(gw):
-    url, port, _ = gw
+def test_gateway_still_serves_after_malformed_requests(gw_deadlines):
+    url, port, _ = gw_deadlines
     for junk in (b"\x16\x03\x01\x02\x00", b"GET / HTTP/1.1\r\nhost", b"POST /v1/../x HTTP/1.1\r\nhost: x",
                  b"\xff" * 100):
         _answer_to_junk(port, junk)

