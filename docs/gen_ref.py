@@ -9,7 +9,8 @@ Run by ``mkdocs-gen-files`` during ``mkdocs build`` (``mkdocs.yml``, ``plugins: 
   server's, plus how replicas' ``vllm:*`` families are merged;
 * ``reference/profile-format.md``: the profile's step columns (:data:`profiles.format.STEP_COLUMNS`);
 * ``fidelity/index.md``: the current fidelity tables, from the committed ``validate`` outputs in
-  ``docs/data/fidelity/*/validate.json``.
+  ``docs/data/fidelity/*/validate.json``;
+* ``design/calibration.md``: its cross-validation table filled in from ``profiles/reference/crossval.json``.
 
 ``python docs/gen_ref.py OUT_DIR`` writes the same pages into a folder (for a look without mkdocs).
 """
@@ -58,9 +59,8 @@ def cli_page() -> str:
                 if a.dest == "help":
                     continue
                 if isinstance(a, argparse._SubParsersAction):
-                    for choice, sub in a.choices.items():
-                        helps = {c.dest: c.help for c in a._choices_actions}
-                        rows.append((f"`{choice}`", "", helps.get(choice, "")))
+                    helps = {c.dest: c.help for c in a._choices_actions}
+                    rows += [(f"`{choice}`", "", helps.get(choice, "")) for choice in a.choices]
                     continue
                 flags = ", ".join(f"`{o}`" for o in a.option_strings) or f"`{a.dest}`"
                 default = "" if a.default in (None, argparse.SUPPRESS, False) or not a.option_strings \
@@ -140,7 +140,8 @@ def metrics_page() -> str:
         if not labels:  # families without children yet: read the label names off the collector
             col = next((c for c in reg._collector_to_names if fam.name in reg._collector_to_names[c]), None)
             labels = list(getattr(col, "_labelnames", ()))
-        out.append(f"| `{fam.name}` | {fam.type} | {', '.join(f'`{x}`' for x in labels)} | {_cell(fam.documentation)} |")
+        names = ", ".join(f"`{x}`" for x in labels)
+        out.append(f"| `{fam.name}` | {fam.type} | {names} | {_cell(fam.documentation)} |")
     out += ["", "## Emulated replicas", "",
             f"Beside vLLM's own `vllm:*` families (unchanged: the engine is vLLM's), an emulated replica exports "
             f"`{METRIC}` (histogram, seconds, buckets {', '.join(f'{b:g}' for b in BUCKETS_S)}): how late each "
@@ -186,8 +187,17 @@ def fidelity_page(data_dir: Path = ROOT / "docs" / "data" / "fidelity") -> str:
     return "\n".join(out)
 
 
+def calibration_page() -> str:
+    """``design/calibration.md`` with its cross-validation table (``profiles/reference/crossval.json``) filled in."""
+    from profiles.calibration import crossval_markdown
+    src = (ROOT / "docs" / "design" / "calibration.md").read_text()
+    rows = json.loads((ROOT / "profiles" / "reference" / "crossval.json").read_text())
+    return src.replace("<!-- crossval-table -->", crossval_markdown(rows))
+
+
 PAGES = {"reference/cli.md": cli_page, "reference/config.md": config_page, "reference/metrics.md": metrics_page,
-         "reference/profile-format.md": profile_format_page, "fidelity/index.md": fidelity_page}
+         "reference/profile-format.md": profile_format_page, "fidelity/index.md": fidelity_page,
+         "design/calibration.md": calibration_page}
 
 
 def main(gen_files: bool) -> None:

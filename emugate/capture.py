@@ -187,6 +187,15 @@ def warm_up_server(base_url: str, model: str, plan: SweepPlan, tokenizer_dir: st
     return n
 
 
+#: The quick capture's plan (``emugate profile capture --quick``): a few minutes of device time after
+#: start-up. Grid cells C requests x L prompt tokens decoding 16 (C 1/4/16/64, L 64/1024 within 16k
+#: tokens: 7 cells, ~120 steps: prefill chunks of 64-16k tokens, decode batches of 1-64 at short and
+#: long context), sampled at temperature 1 as most traffic is; no Locust workload phase. What it
+#: records anchors the step-time model (GPUs) or is the profile (hosts without kernel tables).
+QUICK_PLAN = SweepPlan(concurrency=[1, 4, 16, 64], prompt_lens=[64, 1024], token_budget=16384, grid_output=16,
+                       grid_temperatures=[1.0], workload_requests=0, workload_rates=[], warmup_requests=0)
+
+
 #: Seed offset between server starts of one capture: start k uses seeds ``capture_seed + k*10 + i``
 #: for its workload phase and ``capture_seed + k*10 + 500`` for its warm-up.
 START_SEED_STRIDE = 10

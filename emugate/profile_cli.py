@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _backend_from_args(args):
@@ -41,6 +42,8 @@ def cmd_capture(args) -> int:
     _, b = _backend_from_args(args)
     if b.mode != "real":
         b = b.model_copy(update={"mode": "real", "profile": None})
+    if args.quick:
+        return _quick_capture(args, b)
     plan = SweepPlan(token_budget=args.token_budget, workload_requests=args.workload_requests,
                      workload_rates=[float(x) for x in args.workload_rates.split(",") if x],
                      capture_seed=args.seed, grid_output=args.grid_output, repeats=args.repeats,
@@ -50,6 +53,44 @@ def cmd_capture(args) -> int:
         plan.concurrency = [c for c in plan.concurrency if c <= args.max_concurrency]
     capture(b, args.out, plan, warmup_steps=args.warmup_steps, log_file=args.log, starts=args.starts,
             min_starts=args.min_starts, max_starts=args.max_starts, tolerance_pct=args.start_tolerance)
+    return 0
+
+
+def _quick_capture(args, b) -> int:
+    """``capture --quick``: one server start over QUICK_PLAN's shapes; then an anchored synthesized profile
+    (``--hardware``: a GPU aiconfigurator-core has tables for), or a profile of the recorded steps."""
+    import time
+
+    from emugate.capture import QUICK_PLAN, capture
+    from profiles.build import read_trace_columns
+    from profiles.format import Profile
+    from profiles.oracle import heldout_errors
+    t0 = time.perf_counter()
+    trace_out = str(args.out) + ".quick-steps.emuprof.zst" if args.hardware else args.out
+    prof = capture(b, trace_out, QUICK_PLAN, warmup_steps=args.warmup_steps, log_file=args.log, starts=1)
+    minutes = (time.perf_counter() - t0) / 60
+    if not args.hardware:
+        errs = heldout_errors(prof, "feature") if prof.num_steps >= 50 else {}
+        band = ", ".join(f"{ph} median {e['median']:.1f} % / p90 {e['p90']:.1f} %" for ph, e in errs.items())
+        prof.meta.update({"quick_capture": {"steps": prof.num_steps, "minutes": round(minutes, 1),
+                                            "heldout_errors": errs},
+                          "label": f"ANCHORED: a quick capture of {prof.num_steps} steps on this host (one server "
+                                   f"start, {minutes:.1f} min); held-out oracle |error| on its steps: {band}"})
+        prof.save(args.out)
+        print(prof.meta["label"])
+        return 0
+    from profiles.anchored import anchored_profile
+    from profiles.assets import resolve_model_dir
+    from profiles.synth import SynthSpec
+    steps = read_trace_columns(Path(trace_out).with_suffix(".trace.jsonl"))[1]
+    warm = prof.meta["warmup_steps"][0] if isinstance(prof.meta["warmup_steps"], list) else prof.meta["warmup_steps"]
+    steps = {k: v[warm:] for k, v in steps.items()}
+    spec = SynthSpec(hardware=args.hardware, model_dir=str(resolve_model_dir(b.model)), aic_model=args.aic_model,
+                     dtype=args.weight_dtype, tp=args.tp)
+    out, model = anchored_profile(steps, spec, output_lengths=Profile.load(trace_out).output_lengths)
+    out.meta["anchored"]["capture_minutes"] = round(minutes, 1)
+    out.save(args.out)
+    print(f"{out.meta['label']}\n-> {args.out} (capture {minutes:.1f} min)")
     return 0
 
 
@@ -131,14 +172,15 @@ def cmd_synth(args) -> int:
 
 def cmd_calibrate(args) -> int:
     """Print the cross-validation table by configuration; with --write, refit and ship the model."""
-    from profiles.calibration import calibration_table, default_model, observations
-    from profiles.stepmodel import SHIPPED
+    from profiles.calibration import calibration_table, crossval_rows, default_model, observations
+    from profiles.stepmodel import CROSSVAL, SHIPPED
     obs = observations()
     print(calibration_table(obs))
     if args.write:
         m = default_model(obs)
         SHIPPED.write_text(json.dumps(m.to_dict(), indent=1) + "\n")
-        print(f"wrote {SHIPPED}")
+        CROSSVAL.write_text(json.dumps(crossval_rows(obs), indent=1) + "\n")
+        print(f"wrote {SHIPPED} and {CROSSVAL}")
     return 0
 
 
@@ -193,6 +235,15 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
                    help="leading steps dropped (default: exactly the warm-up's steps, counted from the trace)")
     p.add_argument("--log", default=None, help="file for the vLLM server log")
     _add_start_args(p)
+    g = p.add_argument_group("quick capture (a few minutes of device time; ANCHORED profile)")
+    g.add_argument("--quick", action="store_true",
+                   help="one server start over a small designed set of step shapes (~120 steps) instead of the full "
+                        "sweep; with --hardware, anchor the GPU step-time model on them and synthesize the profile")
+    g.add_argument("--hardware", default=None,
+                   help="with --quick: the GPU (h100-sxm, h200, a100-sxm, l40s, rtx-pro-6000, b200) to anchor on")
+    g.add_argument("--aic-model", default=None, help="with --quick --hardware: the model id AIC knows")
+    g.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8"], help="with --quick --hardware")
+    g.add_argument("--tp", type=int, default=1, help="with --quick --hardware: tensor parallel size")
     p.set_defaults(fn=cmd_capture)
 
     p = sub.add_parser("build", formatter_class=_DEFAULTS,
@@ -229,7 +280,7 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
                             "(profiles/reference)")
     p.add_argument("--write", action="store_true",
                    help="refit on every reference observation and write profiles/reference/stepmodel.json (what "
-                        "synth uses)")
+                        "synth uses) and crossval.json (the table, for the docs)")
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("inspect", formatter_class=_DEFAULTS,

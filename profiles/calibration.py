@@ -227,23 +227,39 @@ def default_model(obs=None):
     return model
 
 
-def calibration_table(obs=None) -> str:
-    """Markdown: per configuration and step class, median / p90 |error| % of raw AIC, of the earlier
-    calibration (shipped values; in-sample on the two step datasets it was fitted on) and of the step
-    model fitted without that configuration (leave one configuration out)."""
-    from profiles.stepmodel import cross_validate, fit
+def crossval_rows(obs=None) -> list[dict]:
+    """The cross-validation by configuration (:func:`profiles.stepmodel.cross_validate`) with the earlier
+    calibration's |error| beside each row (``old_median``, ``old_p90``; None where it has no figure)."""
+    from profiles.stepmodel import cross_validate
     obs = obs if obs is not None else observations()
-    cv = cross_validate(obs)
     old = old_errors(obs)
+    rows = cross_validate(obs)
+    for r in rows:
+        o = old.get(r["config"], {}).get(r["phase"], [])
+        r["old_median"] = float(np.median(o)) if o else None
+        r["old_p90"] = float(np.percentile(o, 90)) if o else None
+    return rows
+
+
+def crossval_markdown(rows: list[dict]) -> str:
+    """Markdown of :func:`crossval_rows`: per configuration and step class, median / p90 |error| % of raw AIC,
+    of the earlier calibration (in-sample on the two step datasets it was fitted on) and of the step model
+    fitted without that configuration."""
     lines = ["| configuration | class | points | raw AIC | earlier calibration | step model, fitted without it |",
              "|---|---|---:|---:|---:|---:|"]
-    for r in cv:
-        o = old.get(r["config"], {}).get(r["phase"], [])
+    for r in rows:
         tag = "" if r["gpu_measured"] else " (GPU unseen)"
-        olds = f"{np.median(o):.1f} / {np.percentile(o, 90):.1f} %" if o else "n/a"
+        olds = f"{r['old_median']:.1f} / {r['old_p90']:.1f} %" if r.get("old_median") is not None else "n/a"
         lines.append(f"| {r['config']}{tag} | {r['phase']} | {r['n']} | {r['raw_median']:.1f} / {r['raw_p90']:.1f} % "
                      f"| {olds} | {r['model_median']:.1f} / {r['model_p90']:.1f} % |")
-    m = fit(obs)
-    lines += ["", "Medians / p90 of |error|. The fit on everything (what `synth` uses): "
-              + ", ".join(f"{k} {v}" for k, v in m.to_dict().items() if k not in ("model", "fitted_on", "errors"))]
     return "\n".join(lines)
+
+
+def calibration_table(obs=None) -> str:
+    """:func:`crossval_markdown` of the reference observations, and the terms of the fit on all of them."""
+    from profiles.stepmodel import fit
+    obs = obs if obs is not None else observations()
+    m = fit(obs)
+    return (crossval_markdown(crossval_rows(obs)) + "\n\nMedians / p90 of |error|. The fit on everything (what "
+            "`synth` uses): " + ", ".join(f"{k} {v}" for k, v in m.to_dict().items()
+                                          if k not in ("model", "fitted_on", "errors")))

@@ -497,6 +497,8 @@ def anchor(base: StepModel, obs: Sequence[Observation], ridge: float = 0.02) -> 
 #: The fit ``synth`` uses (``emugate profile calibrate --write`` regenerates it from the reference data;
 #: a synth-tier test checks it against a fresh fit).
 SHIPPED = REFERENCE_DIR / "stepmodel.json"
+#: The cross-validation table of that fit (``calibrate --write``), rendered by the docs.
+CROSSVAL = REFERENCE_DIR / "crossval.json"
 
 
 def shipped_model() -> StepModel:

@@ -425,8 +425,8 @@ def step_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: i
         else:
             p = log_int(16, budget)
             out.append(StepShape(1, p, cached_prefix(p), 0, 0))
-    while len(out) < n:
-        b, kv = decode_batch(min(max_num_seqs, budget - 1))
+    while len(out) < n:  # the prefilling request counts toward max_num_seqs too
+        b, kv = decode_batch(min(max_num_seqs - 1, budget - 1))
         room = budget - b
         p = room if rng.random() < 0.5 else log_int(1, room)
         out.append(StepShape(1, p, cached_prefix(p), b, kv))
@@ -446,6 +446,23 @@ def shape_features(s: StepShape) -> StepFeatures:
                         prefill_tokens=s.prefill_tokens, decode_reqs=s.decode_reqs, prefill_reqs=s.prefill_reqs,
                         context_tokens=s.prefill_kv + s.decode_kv,
                         attn_work=int(round(pre_work + s.decode_kv + s.decode_reqs / 2)))
+
+
+def shape_from_features(num_reqs: int, prefill_tokens: int, decode_reqs: int, prefill_reqs: int,
+                        context_tokens: int, attn_work: int) -> StepShape:
+    """The inverse of :func:`shape_features` for a recorded step (a trace or profile row).
+
+    The cached prefix of the prefill chunk ``k`` and the decodes' summed context come apart through
+    ``attn_work``: with one chunk of ``p`` tokens, ``attn_work = (context - k) + decode_reqs/2 + p*k + p^2/2``.
+    Several prefill requests are treated as one chunk (their tokens summed); k is clamped to
+    ``[0, context_tokens]``.
+    """
+    p = prefill_tokens
+    k = 0
+    if p > 1:
+        k = int(round((attn_work - context_tokens - decode_reqs / 2 - p * p / 2) / (p - 1)))
+        k = min(max(k, 0), context_tokens)
+    return StepShape(prefill_reqs, p, k, decode_reqs, max(context_tokens - k, decode_reqs))
 
 
 # ------------------------------------------------------------- building

@@ -6,7 +6,6 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 
 from conftest import ROOT
 from emugate.cli import command_parsers
