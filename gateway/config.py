@@ -60,6 +60,13 @@ class GatewaySettings(_Strict):
                                                               "from arrival; more get 429; 0: unlimited")
     metrics_poll_s: float = Field(1.0, gt=0, description="how often backends' /metrics are read (kv_aware; s)")
     log_requests: bool = Field(False, description="log one line per request (id, model, replica, status, ms)")
+    record_trace: str | None = Field(None, description="record the traffic as a replayable trace in this JSONL file "
+                                                       "(timestamps, lengths, prefix-block hash ids; never text or "
+                                                       "token ids): gateway/recorder.py")
+    record_trace_block_size: int = Field(64, ge=16, description="prefix-block size of recorded hash ids (tokens)")
+    record_trace_max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="rotate the recorded trace past "
+                                                                                  "this size (bytes)")
+    record_trace_keep: int = Field(3, ge=1, description="rotated trace files kept (FILE.1, FILE.2...)")
 
     def resolved_api_keys(self) -> list[SecretStr]:
         """Every accepted key (as secrets): ``api_keys`` plus those in ``api_keys_env`` and ``api_keys_file``.

@@ -66,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import logging
 import time
 from typing import Any, Callable
@@ -180,15 +181,17 @@ def _peek(body: bytes | bytearray, affinity: bool) -> Any:
 class _Exchange:
     """What has been sent to the client so far (the deadline handler needs it)."""
 
-    __slots__ = ("send", "started", "is_sse", "finished", "status", "replica")
+    __slots__ = ("send", "started", "is_sse", "finished", "status", "replica", "served_by", "tail")
 
-    def __init__(self, send) -> None:
+    def __init__(self, send, keep_tail: bool = False) -> None:
         self.send = send
         self.started = False
         self.is_sse = False
         self.finished = False
         self.status = 0
         self.replica = "-"
+        self.served_by: Replica | None = None
+        self.tail: list[bytes] | None = [] if keep_tail else None  # the response's last pieces (recording)
 
     async def start(self, status: int, headers: list) -> None:
         self.started = True
@@ -198,6 +201,8 @@ class _Exchange:
     async def body(self, data: bytes, more: bool) -> None:
         if not more:
             self.finished = True
+        if self.tail is not None and data:
+            self.tail = self.tail[-1:] + [data]
         await self.send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def json(self, status: int, body: bytes, headers: list) -> None:
@@ -276,7 +281,7 @@ class Forwarder:
         headers = scope["headers"]
         rid = request_id(headers)
         rid_hdr = [(b"x-request-id", rid)]
-        ex = _Exchange(send)
+        ex = _Exchange(send, keep_tail=gw.recorder is not None)
         # admission, before a byte of the body is read
         key = scope.get("emugate.key")
         refused = gw.admit(key)
@@ -347,6 +352,9 @@ class Forwarder:
             if gw.config.gateway.log_requests:
                 log.info("request %s: model %s, replica %s, status %s, %.1f ms", rid_s, model, ex.replica,
                          ex.status or "-", (time.perf_counter() - t_recv) * 1e3)
+            if gw.recorder is not None and ex.status and ex.served_by is not None:
+                gw.recorder.submit(gw.record(ex, model, scope["path"], body, time.time() - (time.perf_counter()
+                                                                                           - t_recv)))
 
     async def _read_body(self, receive, headers) -> bytearray | bytes:
         """The whole request body within ``max_body_bytes`` and ``body_timeout_s``.
@@ -438,7 +446,7 @@ class Forwarder:
                               [(b"retry-after", b"2"), (b"x-request-id", rid)])
                 return
             tried.add(id(r))
-            ex.replica = r.name
+            ex.replica, ex.served_by = r.name, r
             r.outstanding += 1
             try:
                 for attempt in (0, 1):
@@ -574,6 +582,35 @@ class Gateway:
         self._poller: asyncio.Task | None = None
         #: the data path's upstream client (the control plane's GETs use aiohttp: supervisor.sessions)
         self.h1 = H1Pool(config.gateway.connect_timeout_s, config.gateway.idle_timeout_s)
+        g = config.gateway
+        self.recorder = None
+        if g.record_trace:
+            from gateway.recorder import TraceRecorder
+            self.recorder = TraceRecorder(g.record_trace, g.record_trace_block_size, g.record_trace_max_bytes,
+                                          g.record_trace_keep)
+
+    async def record(self, ex: "_Exchange", model: str, endpoint: str, body: bytes, arrival_unix_s: float) -> None:
+        """Record one answered request (``[gateway] record_trace``; :mod:`gateway.recorder`), off its path."""
+        from gateway.recorder import prompt_token_ids, tokenize_request, usage_from_response
+        try:
+            doc = json.loads(body) if body else {}
+            if not isinstance(doc, dict):
+                return
+            tokens = prompt_token_ids(doc)
+            r = ex.served_by
+            req = None if tokens is not None else tokenize_request(endpoint, model, doc)
+            if req is not None and r is not None:
+                async with self.supervisor.sessions.get(r.uds).post(f"{r.url}/tokenize", json=req,
+                                                                    headers=r.auth_headers(),
+                                                                    timeout=SCRAPE_TIMEOUT) as resp:
+                    if resp.status == 200:
+                        tokens = (await resp.json()).get("tokens")
+            usage = usage_from_response(None if ex.is_sse else (ex.tail[-1] if ex.tail else None),
+                                        ex.tail if ex.is_sse else None)
+            await self.recorder.record(arrival_unix_s=arrival_unix_s, model=model, endpoint=endpoint, body=doc,
+                                       status=ex.status, usage=usage, tokens=tokens)
+        except Exception as e:  # noqa: BLE001 - recording must never hurt serving
+            log.warning("trace recording of a %s request failed: %s: %s", endpoint, e.__class__.__name__, e)
 
     def admit(self, key: int | None) -> str | None:
         """Count a request in (``key``: the client key's index), or say why not (the 429 message).
@@ -613,6 +650,8 @@ class Gateway:
     async def shutdown(self) -> None:
         if self._poller:
             self._poller.cancel()
+        if self.recorder is not None:
+            await self.recorder.close()
         self.h1.close()
         await self.supervisor.stop()
 

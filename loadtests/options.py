@@ -43,3 +43,17 @@ def add_workload_args(parser) -> None:
     g.add_argument("--ready-check-timeout-sec", type=float, default=600.0,
                    help="seconds to wait for the endpoint to serve the model before sending (as vllm bench "
                         "serve); 0: do not wait")
+    t = parser.add_argument_group("trace replay (instead of ShareGPT at a rate; loadtests/trace.py)")
+    t.add_argument("--trace", default=None,
+                   help="replay this trace: Mooncake JSONL, Azure CSV or an emugate recording; prompts are token ids "
+                        "with the trace's lengths and shared prefixes, sent to /v1/completions with ignore_eos")
+    t.add_argument("--trace-format", default=None, choices=["mooncake", "azure", "emugate"],
+                   help="the trace's format (default: from the file)")
+    t.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (0.5: twice as fast)")
+    t.add_argument("--trace-start", type=float, default=0.0, help="start this many seconds into the trace")
+    t.add_argument("--trace-duration", type=float, default=None, help="replay this many seconds of the trace")
+    t.add_argument("--scale-inputs", type=float, default=1.0,
+                   help="multiply input lengths (fit a trace of a long-context model to a smaller one)")
+    t.add_argument("--max-model-len", type=int, default=None,
+                   help="clip requests longer than this (counted and reported; default: the served model's, "
+                        "from GET /v1/models)")

@@ -63,6 +63,41 @@ def make_plan(spec: PlanSpec, cache: bool = True) -> list[PlannedRequest]:
     return [PlannedRequest(i, t, r) for i, (t, r) in enumerate(zip(times, reqs))]
 
 
+@dataclass(frozen=True)
+class TraceSpec:
+    """A trace replay: the file, its window and time scale, and how lengths are fitted (seconds, tokens)."""
+
+    path: str
+    fmt: str | None = None
+    time_scale: float = 1.0
+    start_s: float = 0.0
+    duration_s: float | None = None
+    scale_inputs: float = 1.0
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True)
+class TracePlannedRequest:
+    """A trace request with its scheduled send time (s from the run's start); its prompt is built at send
+    time (:class:`loadtests.trace.PromptBuilder`), so a long trace's token ids are never all in memory."""
+
+    index: int
+    at: float
+    request: "object"  # loadtests.trace.TraceRequest
+
+
+def make_trace_plan(spec: TraceSpec):
+    """(plan, trace): the trace's requests in its window, fitted to ``max_model_len`` (:mod:`loadtests.trace`).
+
+    Raises:
+        loadtests.trace.TraceError: see :func:`loadtests.trace.read_trace` and :func:`loadtests.trace.window`.
+    """
+    from loadtests.trace import fit_max_model_len, read_trace, window
+    trace = window(read_trace(spec.path, spec.fmt), spec.start_s, spec.duration_s, spec.time_scale)
+    trace = fit_max_model_len(trace, spec.max_model_len, spec.scale_inputs)
+    return [TracePlannedRequest(i, r.timestamp_s, r) for i, r in enumerate(trace.requests)], trace
+
+
 def split_for_worker(plan: list[PlannedRequest], worker_index: int, worker_count: int) -> list[PlannedRequest]:
     """Worker ``worker_index`` of ``worker_count`` takes every worker_count-th request."""
     return [p for p in plan if p.index % max(1, worker_count) == worker_index]
