@@ -147,10 +147,8 @@ class EmulatedExecutor(Executor):
                 "bundled profile name (or EMUGATE_STEP_MS for a fixed step), or start vLLM with "
                 "`python -m emu_executor.serve --profile NAME ...`"
             )
-        self._raise_priority(st.boost)
         self.world_size = self.parallel_config.world_size
-        self.lateness = LatenessStats(stats_path(os.getppid()), warn_ms=st.late_warn_ms)
-        self.device = VirtualDevice(on_late=self.lateness.observe)
+        self._init_timing()
         self.requests = RequestTable()
         self.token_state: dict[str, TokenState] = {}
         self.pending: deque[_Step] = deque()
@@ -168,6 +166,13 @@ class EmulatedExecutor(Executor):
                 logger.warning("emugate: profile fingerprint differs: %s", line)
         logger.info("emugate: emulated executor ready (oracle=%s, profile=%s, %d KV layers)",
                     self.oracle.name, st.profile, len(self.kv_specs))
+
+    def _init_timing(self) -> None:
+        """The device timeline: wall-clock steps, punctual under load (:class:`VirtualDevice`), with
+        their lateness exported (:mod:`emu_executor.lateness`). The virtual-time executor overrides it."""
+        self._raise_priority(self.settings.boost)
+        self.lateness = LatenessStats(stats_path(os.getppid()), warn_ms=self.settings.late_warn_ms)
+        self.device = VirtualDevice(on_late=self.lateness.observe)
 
     @staticmethod
     def _raise_priority(boost: str) -> None:

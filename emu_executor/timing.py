@@ -107,3 +107,68 @@ class TimedFuture(Future):
             except Exception as e:  # surface build errors to the engine
                 self.set_exception(e)
         return super().result()
+
+
+class VirtualClock:
+    """Simulated time (seconds from the simulation's start), advanced only by the simulation.
+
+    ``emugate simulate`` (:mod:`emugate.simulate`) owns one per replica and moves ``now`` to an
+    arrival when the engine is idle; a :class:`SimulatedFuture` moves it to its step's end when the
+    engine collects the step. Nothing sleeps.
+    """
+
+    __slots__ = ("now",)
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+
+class SimulatedDevice:
+    """:class:`VirtualDevice` on a :class:`VirtualClock`: the same rule (step i ends at
+    ``max(now, end of step i-1 + host gap_i) + latency_i``), with ``now`` the clock's.
+
+    The engine's own host time between steps (scheduling, output processing on this CPU) counts as
+    zero: on the profiled hardware it is inside the recorded host gaps and step times.
+    """
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self.last_end = 0.0
+        self.busy_s = 0.0  # summed step latencies (s): the device's busy time
+
+    def submit(self, latency_s: float, host_gap_s: float = 0.0) -> float:
+        """Schedule a step of ``latency_s`` (s); returns its end on the virtual clock (s)."""
+        start = max(self.clock.now, self.last_end + host_gap_s)
+        self.last_end = start + latency_s
+        self.busy_s += latency_s
+        return self.last_end
+
+    def reset(self) -> None:
+        """Forget the timeline (a new run starts at the clock's ``now``)."""
+        self.last_end = 0.0
+        self.busy_s = 0.0
+
+
+class SimulatedFuture(Future):
+    """A step's output on the virtual clock: ``result()`` moves the clock to the step's end (if
+    it is not already later) and returns the output at once; ``done()`` is whether the clock has
+    reached the end."""
+
+    def __init__(self, deadline: float, make: Callable[[], Any], clock: VirtualClock) -> None:
+        super().__init__()
+        self.deadline = deadline
+        self._make = make
+        self._clock = clock
+
+    def done(self) -> bool:
+        return super().done() or self._clock.now >= self.deadline
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not super().done():
+            if self._clock.now < self.deadline:
+                self._clock.now = self.deadline
+            try:
+                self.set_result(self._make())
+            except Exception as e:  # surface build errors to the engine
+                self.set_exception(e)
+        return super().result()

@@ -117,6 +117,7 @@ class SyntheticTokens:
             pool = [(i, None) for i in range(lo, vocab_size) if i not in special]
         if not pool:
             raise ValueError("no ordinary (word-like) token found in the vocabulary")
+        self._shuffled = len(pool)
         self._rng.shuffle(pool)
         if encode is not None:
             pool = self._round_trip_words(pool, encode, pool_size) or pool
@@ -147,6 +148,14 @@ class SyntheticTokens:
             if len(out) >= limit:
                 break
         return out
+
+    def reseed(self, seed: int) -> None:
+        """Restart the per-request stream as a fresh instance built with ``seed`` would have it
+        (the pool keeps its words: only which request draws which length changes). ``shuffle``
+        consumes the same random draws for any list of the pool's length, so replaying it on a
+        placeholder list reproduces the generator's state exactly."""
+        self._rng = random.Random(seed)
+        self._rng.shuffle([None] * self._shuffled)
 
     # ----------------------------------------------------------- requests
     def new_request(self, sampling_params, prompt_ids: list[int] | None = None) -> TokenState:

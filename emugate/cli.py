@@ -4,6 +4,8 @@
     emugate profile capture|build|inspect|convert-llm-emu|validate ...
     emugate emulate --profile NAME --model DIR ...    one emulated vLLM server, no gateway
     emugate compare A.json B.json                     % difference per metric of two result JSONs
+    emugate simulate --profile NAME --model DIR ...   a load test in virtual time (vLLM's engine, no HTTP)
+    emugate plan --profile A --profile B --slo ...    size a fleet under an SLO (goodput by bisection)
 
 ``emugate COMMAND --help`` lists each command's options with their defaults.
 The older forms keep working as aliases: ``python -m gateway`` (serve),
@@ -23,6 +25,8 @@ COMMANDS = {
     "profile": ("emugate.profile_cli", "capture, build, inspect, convert or validate latency profiles"),
     "emulate": ("emu_executor.serve", "one emulated vLLM OpenAI server, without the gateway"),
     "compare": ("loadtests.compare", "%% difference per metric between two vLLM-format result JSONs"),
+    "simulate": ("emugate.simulate_cli", "a load test in virtual time on vLLM's own engine core (no HTTP, no waiting)"),
+    "plan": ("emugate.plan_cli", "replicas of which GPU for a traffic under an SLO (bisection over simulated runs)"),
 }
 
 
@@ -53,6 +57,10 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
             out[f"emugate profile {name}"] = sub
     out["emugate emulate"] = emulate_parser()
     out["emugate compare"] = compare_parser()
+    from emugate.simulate_cli import build_parser as simulate_parser
+    out["emugate simulate"] = simulate_parser()
+    from emugate.plan_cli import build_parser as plan_parser
+    out["emugate plan"] = plan_parser()
     locust = argparse.ArgumentParser(prog="locust -f loadtests/sharegpt.py", add_help=False,
                                      description="Locust's own options (locust --help), plus:")
     add_workload_args(locust)

@@ -140,6 +140,14 @@ class LatencyOracle:
     def sample_gap_us(self, f: StepFeatures) -> float:
         return self._gaps.sample(f) if self._gaps is not None else 0.0
 
+    def reseed(self, seed: int) -> None:
+        """Restart the draws as if built with ``seed`` (latency stream ``seed``, host gaps ``seed + 1``),
+        so one oracle serves several reproducible runs (``emugate simulate`` reuses its engines)."""
+        if hasattr(self, "_rng"):
+            self._rng = random.Random(seed)
+        if self._gaps is not None:
+            self._gaps._rng = random.Random(seed + 1)
+
     def covers(self, f: StepFeatures) -> bool:
         """Whether the profile recorded enough steps in ``f``'s own grid cell (else the
         answer is pooled from neighbouring cells: an extrapolation). False for oracles
