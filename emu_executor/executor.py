@@ -149,6 +149,9 @@ class EmulatedExecutor(Executor):
             )
         self.world_size = self.parallel_config.world_size
         self._init_timing()
+        from emu_executor.faults import cold_start, fault_state
+        self.faults = fault_state() if os.environ.get("EMUGATE_FAULTS_FILE") else None
+        cold_start()
         self.requests = RequestTable()
         self.token_state: dict[str, TokenState] = {}
         self.pending: deque[_Step] = deque()
@@ -345,6 +348,9 @@ class EmulatedExecutor(Executor):
             f = step_features(reqs)
             latency_us = self.oracle.sample_us(f)
             gap_us = self.oracle.sample_gap_us(f)
+            if self.faults is not None:
+                self.faults.admitted(len(so.scheduled_new_reqs))
+                latency_us *= self.faults.latency_factor()
             self.pending.append(_Step(reqs, self.device.submit(latency_us * 1e-6, gap_us * 1e-6), so))
             self.num_steps += 1
             out = None
@@ -358,6 +364,11 @@ class EmulatedExecutor(Executor):
         """Synthetic tokens for the oldest executed step, available at its end time."""
         step = self.pending.popleft()
         output = self._make_output(step, grammar_output)
+        if self.faults is not None and self.faults.hung():
+            from emu_executor.faults import wait_while_hung
+            wait_while_hung(self.faults)  # the device is stuck: the engine loop waits here, as on a hung kernel
+            step.end = max(step.end, time.perf_counter())
+            self.device.last_end = max(self.device.last_end, step.end)
         if non_block:
             return TimedFuture(step.end, lambda: output, self.device)
         self.device.record(wait_until(step.end))

@@ -20,6 +20,7 @@ returns None and vLLM behaves exactly as installed.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from emu_executor.settings import EmuSettings
@@ -86,6 +87,11 @@ def _make_platform():
             if sc.max_num_seqs == 128 * tp:
                 sc.max_num_seqs = int(fp["max_num_seqs"])
                 set_.append(f"max_num_seqs={sc.max_num_seqs}")
+            if os.environ.get("EMUGATE_FAULTS_FILE") and sc.scheduler_cls is None:
+                # the KV-pressure fault lives in the scheduler (emu_executor/faults.py): vLLM's --scheduler-cls
+                sc.scheduler_cls = ("emu_executor.faults.FaultAsyncScheduler" if sc.async_scheduling
+                                    else "emu_executor.faults.FaultScheduler")
+                set_.append(f"scheduler_cls={sc.scheduler_cls}")
             logger.info("emugate platform: scheduler configured as profiled: %s", ", ".join(set_))
 
     return EmulatedPlatform

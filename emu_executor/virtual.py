@@ -19,6 +19,8 @@ admission), and the device's busy seconds; and it can scale every drawn step lat
 """
 from __future__ import annotations
 
+import os
+
 from emu_executor.executor import EmulatedExecutor
 from emu_executor.timing import SimulatedDevice, SimulatedFuture, VirtualClock
 
@@ -37,6 +39,8 @@ class VirtualTimeExecutor(EmulatedExecutor):
     (``EMUGATE_PROFILE``, ``EMUGATE_ORACLE``, ``EMUGATE_SEED``: :mod:`emu_executor.settings`)."""
 
     def _init_timing(self) -> None:
+        os.environ.pop("EMUGATE_FAULTS_FILE", None)  # faults are a staging feature: never in virtual time
+        os.environ.pop("EMUGATE_STARTUP_S", None)
         self.clock = VirtualClock()
         self.device = _ScaledDevice(self.clock)
         self.lateness = None

@@ -46,6 +46,20 @@ def describe(cfg) -> str:
             f"load_format {b.load_format or 'auto'}" + (f", capturing to {b.capture_trace}" if b.capture_trace else "")
         lines.append(f"  {b.name}: model '{b.model_name}' <- {b.model}, mode {b.mode} ({what}), "
                      f"{b.replicas} replica(s)")
+        f = b.faults
+        if f is not None:
+            parts = [f"{len(f.http)} front-door", f"{len(f.stream)} mid-stream", f"{len(f.engine)} engine"]
+            if f.cold_start:
+                parts.append("cold start")
+            if f.allow_header:
+                parts.append("X-Emugate-Fault header honoured")
+            lines.append(f"    faults: {', '.join(parts)}")
+            for e in f.engine:
+                reps = "every replica" if e.replicas is None else f"replicas {e.replicas}"
+                dur = f" for {e.duration_s:g} s" if e.duration_s else ""
+                lines.append(f"      at {e.at_s:g} s: {e.kind} on {reps}{dur}")
+    if cfg.gateway.admin_keys or cfg.gateway.admin_keys_env or cfg.gateway.admin_keys_file:
+        lines.append("  admin API: /admin/faults (admin keys)")
     return "\n".join(lines)
 
 
@@ -62,6 +76,7 @@ def main(argv: list[str] | None = None, prog: str = "emugate serve") -> int:
                 if b.mode == "emulate":
                     resolve_profile(b.profile)
         cfg.gateway.resolved_api_keys()
+        cfg.gateway.resolved_admin_keys()
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,11 +10,14 @@ the key and the file in every error::
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from gateway.faults import EngineFault, FaultsConfig, HttpFault, StreamFault
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,11 @@ class GatewaySettings(_Strict):
     record_trace_max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="rotate the recorded trace past "
                                                                                   "this size (bytes)")
     record_trace_keep: int = Field(3, ge=1, description="rotated trace files kept (FILE.1, FILE.2...)")
+    admin_keys: list[SecretStr] = Field(default_factory=list, description="keys of the admin API (/admin/faults); "
+                                        "none: the admin API does not exist. Client keys never open it")
+    admin_keys_env: str | None = Field(None, description="environment variable holding more admin keys "
+                                                         "(comma-separated)")
+    admin_keys_file: str | None = Field(None, description="file holding more admin keys, one per line")
 
     def resolved_api_keys(self) -> list[SecretStr]:
         """Every accepted key (as secrets): ``api_keys`` plus those in ``api_keys_env`` and ``api_keys_file``.
@@ -74,24 +82,32 @@ class GatewaySettings(_Strict):
         Raises:
             ConfigError: the variable is unset or empty, or the file cannot be read.
         """
-        keys = list(self.api_keys)
-        if self.api_keys_env:
-            val = os.environ.get(self.api_keys_env, "")
-            more = [SecretStr(k.strip()) for k in val.split(",") if k.strip()]
-            if not more:
-                raise ConfigError(f"gateway.api_keys_env: the environment variable {self.api_keys_env} "
-                                  "is unset or empty (set it to one or more comma-separated keys)")
-            keys += more
-        if self.api_keys_file:
-            try:
-                lines = Path(self.api_keys_file).expanduser().read_text().splitlines()
-            except OSError as e:
-                raise ConfigError(f"gateway.api_keys_file: cannot read {self.api_keys_file}: {e.strerror}") from None
-            more = [SecretStr(ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-            if not more:
-                raise ConfigError(f"gateway.api_keys_file: {self.api_keys_file} holds no key")
-            keys += more
-        return keys
+        return _resolve_keys("api_keys", self.api_keys, self.api_keys_env, self.api_keys_file)
+
+    def resolved_admin_keys(self) -> list[SecretStr]:
+        """The admin API's keys: ``admin_keys`` plus ``admin_keys_env`` and ``admin_keys_file`` (as above)."""
+        return _resolve_keys("admin_keys", self.admin_keys, self.admin_keys_env, self.admin_keys_file)
+
+
+def _resolve_keys(name: str, keys: list[SecretStr], env: str | None, file: str | None) -> list[SecretStr]:
+    keys = list(keys)
+    if env:
+        val = os.environ.get(env, "")
+        more = [SecretStr(k.strip()) for k in val.split(",") if k.strip()]
+        if not more:
+            raise ConfigError(f"gateway.{name}_env: the environment variable {env} "
+                              "is unset or empty (set it to one or more comma-separated keys)")
+        keys += more
+    if file:
+        try:
+            lines = Path(file).expanduser().read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"gateway.{name}_file: cannot read {file}: {e.strerror}") from None
+        more = [SecretStr(ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not more:
+            raise ConfigError(f"gateway.{name}_file: {file} holds no key")
+        keys += more
+    return keys
 
 
 class BackendConfig(_Strict):
@@ -121,6 +137,8 @@ class BackendConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list, description="appended to vLLM's command line")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of this backend's "
                                 "replicas (values are never echoed in errors nor written into profiles)")
+    faults: FaultsConfig | None = Field(None, description="fault injection for staging: front-door, mid-stream and "
+                                                          "engine faults, cold start (gateway/faults.py)")
 
     @field_validator("ports")
     @classmethod
@@ -142,6 +160,19 @@ class BackendConfig(_Strict):
                              "generated key; set client keys in [gateway].api_keys")
         if self.gpu_ids is not None and len(self.gpu_ids) != self.replicas:
             raise ValueError(f"gpu_ids lists {len(self.gpu_ids)} entries for {self.replicas} replicas")
+        f = self.faults
+        if f is not None:
+            if self.mode == "real" and (f.engine or f.cold_start):
+                raise ValueError("faults.engine and faults.cold_start act inside the emulated engine: mode = "
+                                 "'emulate' only (a real backend takes front-door and mid-stream faults)")
+            if self.mode == "real" and (f.http or f.stream or f.allow_header) and not f.allow_on_real:
+                raise ValueError("faults on a real backend need faults.allow_on_real = true (front-door and "
+                                 "mid-stream kinds only)")
+            for t in [*f.http, *f.stream, *f.engine]:
+                bad = [i for i in (t.replicas or []) if not 0 <= i < self.replicas]
+                if bad:
+                    raise ValueError(f"faults: replica indices {bad} out of range (this backend has "
+                                     f"{self.replicas} replicas: 0..{self.replicas - 1})")
         return self
 
     @property
@@ -188,49 +219,135 @@ def _loc(loc: tuple) -> str:
     return out or "(file)"
 
 
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """The 1-based line of the TOML ``text`` that a validation error's ``loc`` points at (best effort):
+    the key's own line inside its table, else the table's header line; None when neither is found."""
+    counts: dict[tuple, int] = {}
+    sections: list[tuple[tuple, int]] = [((), 0)]
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = _HEADER.match(line)
+        if not m:
+            continue
+        names = [n.strip().strip('"') for n in m.group(2).split(".")]
+        path: list = []
+        for j, n in enumerate(names):
+            path.append(n)
+            key = tuple(path)
+            if j == len(names) - 1 and m.group(1) == "[[":
+                counts[key] = counts.get(key, -1) + 1
+                path.append(counts[key])
+            elif key in counts:
+                path.append(counts[key])
+        sections.append((tuple(path), i))
+    best = None
+    for k, (sec, start) in enumerate(sections):
+        if loc[:len(sec)] == sec and (best is None or len(sec) > len(best[0])):
+            end = sections[k + 1][1] if k + 1 < len(sections) else len(lines)
+            best = (sec, start, end)
+    if best is None:
+        return None
+    sec, start, end = best
+    rest = loc[len(sec):]
+    if rest and isinstance(rest[0], str):
+        pat = re.compile(rf"^\s*\"?{re.escape(rest[0])}\"?\s*=")
+        for i in range(start, end):
+            if pat.match(lines[i]):
+                return i + 1
+    return start + 1 if sec else None
+
+
 def _secret_loc(loc: tuple) -> bool:
     """Whether a config location holds a secret (a key, an environment value): its value is never echoed."""
-    return (len(loc) >= 2 and loc[0] == "gateway" and str(loc[1]).startswith("api_keys")) or \
-        (len(loc) >= 3 and loc[0] == "backends" and loc[2] == "env")
+    return (len(loc) >= 2 and loc[0] == "gateway" and str(loc[1]).startswith(("api_keys", "admin_keys"))) or \
+        (len(loc) >= 3 and loc[0] == "backends" and loc[2] == "env") or "keys" in loc
 
 
-def parse_config(data: dict, source: str = "<config>") -> Config:
-    """Validate a parsed TOML document.
+def _errors(e: ValidationError, source: str, text: str | None, prefix: tuple = ()) -> list[str]:
+    lines = []
+    for err in e.errors():
+        msg = err["msg"]
+        loc = prefix + tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (see config.example.toml for the keys)"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict) \
+                and not _secret_loc(loc):
+            msg += f" (got {err['input']!r})"
+        line = _line_of(text, tuple(err["loc"])) if text else None
+        where = f"{source}: line {line}" if line else source
+        lines.append(f"{where}: {_loc(loc)}: {msg}")
+    return lines
+
+
+def parse_config(data: dict, source: str = "<config>", text: str | None = None) -> Config:
+    """Validate a parsed TOML document (``text``: its source, for line numbers in messages).
 
     Error messages quote a bad value, except where it may be a secret
-    (``api_keys*``, a backend's ``env``).
+    (``api_keys*``, ``admin_keys*``, a backend's ``env``, a fault's ``keys``).
 
     Raises:
-        ConfigError: one line per problem, ``source: key.path: message``.
+        ConfigError: one line per problem, ``source: line N: key.path: message``.
     """
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (see config.example.toml for the keys)"
-            elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict) \
-                    and not _secret_loc(err["loc"]):
-                msg += f" (got {err['input']!r})"
-            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("\n".join(_errors(e, source, text))) from None
+
+
+class _Scenario(_Strict):
+    """A scenario file (``faults.scenario``): more fault tables for one backend."""
+
+    http: list[HttpFault] = Field(default_factory=list)
+    stream: list[StreamFault] = Field(default_factory=list)
+    engine: list[EngineFault] = Field(default_factory=list)
+
+
+def _merge_scenarios(data: dict, base: Path) -> None:
+    """Append each backend's ``faults.scenario`` file's tables to its faults (in place).
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or holds other tables (its own line numbers).
+    """
+    for b in data.get("backends", []) if isinstance(data.get("backends"), list) else []:
+        faults = b.get("faults") if isinstance(b, dict) else None
+        if not isinstance(faults, dict) or not isinstance(faults.get("scenario"), str):
+            continue
+        sp = (base / faults["scenario"]).expanduser()
+        try:
+            text = sp.read_text()
+            doc = tomllib.loads(text)
+        except OSError as e:
+            raise ConfigError(f"{sp}: cannot read the fault scenario ({e.strerror}); faults.scenario is relative "
+                              f"to the config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{sp}: TOML syntax error: {e}") from None
+        try:
+            _Scenario.model_validate(doc)
+        except ValidationError as e:
+            raise ConfigError("\n".join(_errors(e, str(sp), text))) from None
+        for kind in ("http", "stream", "engine"):
+            if doc.get(kind):
+                faults[kind] = list(faults.get(kind, [])) + list(doc[kind])
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file.
+    """Read and validate a TOML config file (and the fault scenario files it names).
 
     Raises:
-        ConfigError: missing file, TOML syntax error (with line), or invalid content.
+        ConfigError: missing file, TOML syntax error (with line), or invalid content (with line).
     """
     p = Path(path)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file (start from config.example.toml)") from None
+    text = raw.decode()
     try:
-        data = tomllib.loads(raw.decode())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: TOML syntax error: {e}") from None
-    return parse_config(data, str(p))
+    _merge_scenarios(data, p.parent)
+    return parse_config(data, str(p), text)

@@ -27,6 +27,10 @@ reaches a route, the gateway's own or a forwarded one, without going through it:
    they do not know. vLLM's other routes (``/sleep``, ``/wake_up``,
    ``/reset_prefix_cache``, ``/collective_rpc``, ``/pause``, profiler and
    LoRA-loading routes...) are never forwarded.
+4. **Admin API** (``/admin/...``, :mod:`gateway.admin`): exists only when
+   ``[gateway] admin_keys`` are configured (otherwise the path is an unknown
+   route like any other), and opens only with an admin key: a client key gets
+   401 there, as no key does.
 
 Every refusal is OpenAI's error JSON with the request id
 (:func:`gateway.errors.send_error`) and is counted by the ``on_reject``
@@ -148,6 +152,15 @@ class ApiKeys:
         """True when the request names an accepted key."""
         return self.match(headers) is not None
 
+    def index_of(self, key: Any) -> int | None:
+        """Index of ``key`` (a string or ``SecretStr``) among the accepted keys, else None."""
+        digest = hashlib.sha256(_reveal(key).encode()).digest()
+        found = None
+        for i, d in enumerate(self._digests):
+            if hmac.compare_digest(digest, d) and found is None:
+                found = i
+        return found
+
 
 def _reveal(k: Any) -> str:
     return k.get_secret_value() if hasattr(k, "get_secret_value") else str(k)
@@ -156,6 +169,11 @@ def _reveal(k: Any) -> str:
 #: The 401 text.
 AUTH_MESSAGE = ("Invalid or missing API key: send `Authorization: Bearer <key>` with a key from the gateway "
                 "config's [gateway] api_keys")
+
+
+#: The 401 text of the admin API.
+ADMIN_AUTH_MESSAGE = ("The admin API needs `Authorization: Bearer <admin key>` with a key from [gateway] admin_keys "
+                      "(client keys do not open it)")
 
 
 class Guard:
@@ -170,8 +188,10 @@ class Guard:
     """
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, public: set[tuple[str, str]], forward: ASGIApp,
-                 on_reject: Callable[[str], None] = lambda kind: None) -> None:
+                 on_reject: Callable[[str], None] = lambda kind: None, admin: ASGIApp | None = None,
+                 admin_keys: ApiKeys | None = None) -> None:
         self.app, self.keys, self.public, self.forward, self.on_reject = app, keys, public, forward, on_reject
+        self.admin, self.admin_keys = admin, admin_keys
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
@@ -189,6 +209,13 @@ class Guard:
         scope["path"] = path
         scope["raw_path"] = path.encode()
         method = scope["method"]
+        if self.admin is not None and (path == "/admin" or path.startswith("/admin/")):
+            # the admin API: its own keys only (a client key never opens it)
+            if self.admin_keys is None or self.admin_keys.match(scope["headers"]) is None:
+                self.on_reject("auth")
+                return await send_error(send, 401, ADMIN_AUTH_MESSAGE, "authentication_error",
+                                        request_id(scope["headers"]), code="invalid_api_key")
+            return await self.admin(scope, receive, send)
         if self.keys and (method, path) not in self.public:
             k = self.keys.match(scope["headers"])
             if k is None:

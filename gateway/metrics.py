@@ -15,7 +15,11 @@ Own metrics (``emugate_*``), labelled by backend:
   for streamed (SSE) 200 responses, as the gateway sees them: from the end of
   the client's request body to the first body chunk sent back, and between
   consecutive body chunks (one SSE event per chunk as vLLM frames them), in
-  seconds. They include the replica's time: the client-side view, per backend.
+  seconds. They include the replica's time: the client-side view, per backend;
+* ``emugate_fault_active{backend,replica,kind}``: 1 while an engine fault
+  (slow, spikes, kv_pressure, hang, crash) is on for a replica, 0 after;
+* ``emugate_faults_injected_total{backend,kind}``: front-door and mid-stream
+  faults injected (``http_429``, ``http_503``, ``stream_cut``, ``stream_reset``...).
 
 :func:`merge_vllm_metrics` parses every replica's exposition with
 ``prometheus_client``'s parser, adds ``backend``, ``replica`` and ``mode``
@@ -58,6 +62,10 @@ class GatewayMetrics:
                               ["backend"], buckets=TTFT_BUCKETS, registry=self.registry)
         self.itl = Histogram("emugate_itl_seconds", "Gap between streamed chunks seen at the gateway (seconds)",
                              ["backend"], buckets=ITL_BUCKETS, registry=self.registry)
+        self.fault_active = Gauge("emugate_fault_active", "1 while an engine fault is on for a replica "
+                                  "(gateway/faults.py)", ["backend", "replica", "kind"], registry=self.registry)
+        self.faults_injected = Counter("emugate_faults_injected", "Front-door and mid-stream faults injected, by kind "
+                                       "(http_429, stream_cut...)", ["backend", "kind"], registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

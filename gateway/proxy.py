@@ -66,8 +66,11 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import itertools
 import json
 import logging
+import socket
+import struct
 import time
 from typing import Any, Callable
 
@@ -81,6 +84,9 @@ from starlette.routing import Route
 
 from gateway.config import Config
 from gateway.errors import error_body, request_id
+from gateway.faults import HEADER as FAULT_HEADER
+from gateway.faults import EngineFaults, FrontDoor, HttpFault, run_engine_loop, vllm_error
+from gateway.faults import parse_header as parse_fault_header
 from gateway.guard import FORWARDED_ROUTES, ApiKeys, Guard
 from gateway.metrics import GatewayMetrics, merge_vllm_metrics, scrape_value
 from gateway.routing import affinity_key, pick
@@ -181,10 +187,11 @@ def _peek(body: bytes | bytearray, affinity: bool) -> Any:
 class _Exchange:
     """What has been sent to the client so far (the deadline handler needs it)."""
 
-    __slots__ = ("send", "started", "is_sse", "finished", "status", "replica", "served_by", "tail")
+    __slots__ = ("send", "started", "is_sse", "finished", "status", "replica", "served_by", "tail", "transport")
 
-    def __init__(self, send, keep_tail: bool = False) -> None:
+    def __init__(self, send, keep_tail: bool = False, transport=None) -> None:
         self.send = send
+        self.transport = transport  # the client connection (gateway.server puts it in the scope): TCP reset faults
         self.started = False
         self.is_sse = False
         self.finished = False
@@ -281,7 +288,7 @@ class Forwarder:
         headers = scope["headers"]
         rid = request_id(headers)
         rid_hdr = [(b"x-request-id", rid)]
-        ex = _Exchange(send, keep_tail=gw.recorder is not None)
+        ex = _Exchange(send, keep_tail=gw.recorder is not None, transport=scope.get("emugate.transport"))
         # admission, before a byte of the body is read
         key = scope.get("emugate.key")
         refused = gw.admit(key)
@@ -316,6 +323,19 @@ class Forwarder:
             return await ex.json(r.status, error_body(r.message, r.type, r.code, r.param, rid_s),
                                  r.headers + [(b"x-request-id", rid)])
         backend = replicas[0].backend.name
+        forced = None
+        fault_hdr = next((v for k, v in headers if k == FAULT_HEADER), None)
+        if fault_hdr is not None:
+            fd = gw.front_doors.get(backend)
+            try:
+                if fd is None or not fd.header_allowed:
+                    raise ValueError(f"X-Emugate-Fault is not enabled for backend {backend!r} (set "
+                                     "faults.allow_header = true in its [backends.faults] table)")
+                forced = parse_fault_header(fault_hdr)
+            except ValueError as e:
+                gw.metrics.errors.labels(backend, "bad_request").inc()
+                return await ex.json(400, error_body(str(e), "invalid_request_error", 400, "X-Emugate-Fault", rid_s),
+                                     [(b"x-request-id", rid)])
         hdrs = forward_headers(headers)
         key = None
         if affinity:
@@ -331,7 +351,8 @@ class Forwarder:
         task = asyncio.current_task()
         watch = _Watch(task, t_deadline, receive, ex)
         try:
-            await self._dispatch(ex, replicas, model, key, scope["method"], path, body, hdrs, t_recv, backend, rid)
+            await self._dispatch(ex, replicas, model, key, scope["method"], path, body, hdrs, t_recv, backend, rid,
+                                 scope.get("emugate.key"), forced)
         except asyncio.CancelledError:
             if watch.reason is None:
                 raise
@@ -427,8 +448,13 @@ class Forwarder:
             raise ConnectionAbortedError(message)
 
     async def _dispatch(self, ex: _Exchange, replicas: list[Replica], model: str, key: str | None, method: str,
-                        path: str, body: bytes, hdrs: list, t_recv: float, backend: str, rid: bytes) -> None:
-        """Pick replicas until one answers; retries only where nothing reached the client or a replica."""
+                        path: str, body: bytes, hdrs: list, t_recv: float, backend: str, rid: bytes,
+                        client_key: int | None = None, forced=None) -> None:
+        """Pick replicas until one answers; retries only where nothing reached the client or a replica.
+
+        Faults (:mod:`gateway.faults`): once a replica is picked, the backend's front door (or the
+        request's ``X-Emugate-Fault``) may answer instead with vLLM's error body (not retried: it stands
+        for the replica's answer), or act on the stream it returns."""
         gw = self.gw
         tried: set[int] = set()
         outcome = ""
@@ -447,10 +473,22 @@ class Forwarder:
                 return
             tried.add(id(r))
             ex.replica, ex.served_by = r.name, r
+            http_fault = stream_fault = None
+            if forced is not None:
+                http_fault, stream_fault = (forced, None) if isinstance(forced, HttpFault) else (None, forced)
+            elif (fd := gw.front_doors.get(backend)) is not None:
+                http_fault, stream_fault = fd.pick(model, client_key, r.index)
+            if http_fault is not None:
+                status, fbody, fhdrs = vllm_error(http_fault, r.backend.max_model_len)
+                gw.metrics.faults_injected.labels(backend, f"http_{status}").inc()
+                gw.children(backend).observe(time.perf_counter() - t_recv, status)
+                await ex.json(status, fbody, fhdrs + [(b"x-request-id", rid)])
+                return
             r.outstanding += 1
             try:
                 for attempt in (0, 1):
-                    outcome = await self._forward(ex, r, method, path, body, hdrs, t_recv, backend, rid)
+                    outcome = await self._forward(ex, r, method, path, body, hdrs, t_recv, backend, rid,
+                                                  stream_fault)
                     if outcome != "disconnected" or attempt == 1:
                         break
                     # the replica closed a pooled connection before answering: once more, on a fresh one
@@ -460,7 +498,7 @@ class Forwarder:
                 return
 
     async def _forward(self, ex: _Exchange, r: Replica, method: str, path: str, body: bytes, hdrs: list,
-                       t_recv: float, backend: str, rid: bytes) -> str:
+                       t_recv: float, backend: str, rid: bytes, stream_fault=None) -> str:
         """Forward to ``r``. Returns "done", or "unreachable"/"disconnected" when nothing was answered."""
         gw = self.gw
         rid_s = rid.decode()
@@ -489,14 +527,18 @@ class Forwarder:
                              "GatewayTimeoutError" if timeout else "BadGatewayError", rid)
             return "done"
         try:
-            await self._relay(ex, r, resp, t_sent, t_recv, backend, rid)
+            await self._relay(ex, r, resp, t_sent, t_recv, backend, rid, stream_fault)
         finally:
             resp.release()  # closes the connection unless the whole body was read
         return "done"
 
     async def _relay(self, ex: _Exchange, r: Replica, resp: H1Response, t_sent: float,
-                     t_recv: float, backend: str, rid: bytes) -> None:
-        """Send ``resp`` to the client: whole (Content-Length) or one upstream chunk at a time."""
+                     t_recv: float, backend: str, rid: bytes, fault=None) -> None:
+        """Send ``resp`` to the client: whole (Content-Length) or one upstream chunk at a time.
+
+        ``fault``: a mid-stream fault (:class:`gateway.faults.StreamFault`) acting on a streamed (SSE)
+        response after ``fault.after_chunks`` chunks; cut and reset return with the upstream response
+        unread, so the caller's ``release()`` closes that connection and vLLM aborts the request."""
         gw = self.gw
         series = gw.children(backend)
         t_head = time.perf_counter()
@@ -516,8 +558,25 @@ class Forwarder:
             t0 = time.perf_counter()
             await ex.start(resp.status, out_headers)
             timed = ex.is_sse and resp.status == 200
+            if fault is not None and not timed:
+                fault = None  # mid-stream faults act on streamed answers only
             last = None
+            n = 0
             while (data := await resp.next_chunk()) is not None:
+                if fault is not None and n == fault.after_chunks:
+                    gw.metrics.faults_injected.labels(backend, f"stream_{fault.action}").inc()
+                    if fault.action == "stall":
+                        await asyncio.sleep(fault.stall_s)
+                        fault = None
+                    else:
+                        log.info("request %s: mid-stream fault %s after %d chunks", rid.decode(), fault.action, n)
+                        if fault.action == "reset":
+                            _reset(ex)
+                            return
+                        await ex.body(b"data: [DONE]\n\n" if fault.action == "cut_done" else b"", more=False)
+                        series.observe((t_sent - t_recv) + (t0 - t_head), resp.status)
+                        return
+                n += 1
                 await ex.body(data, more=True)
                 if timed:
                     now = time.perf_counter()
@@ -535,6 +594,18 @@ class Forwarder:
             await self._fail(ex, 502, f"The backend replica {r.name} failed while sending this response "
                                       f"({e.__class__.__name__}: {e}); the response is incomplete",
                              "BadGatewayError", rid)
+
+
+def _reset(ex: _Exchange) -> None:
+    """Reset the client's TCP connection (RST: SO_LINGER 0, then abort): the ``reset`` stream fault."""
+    t = ex.transport
+    if t is None:
+        raise ConnectionResetError("mid-stream reset fault")  # no transport: end the response abnormally
+    sock = t.get_extra_info("socket")
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ex.finished = True
+    t.abort()
 
 
 class BackendSeries:
@@ -583,6 +654,14 @@ class Gateway:
         #: the data path's upstream client (the control plane's GETs use aiohttp: supervisor.sessions)
         self.h1 = H1Pool(config.gateway.connect_timeout_s, config.gateway.idle_timeout_s)
         g = config.gateway
+        self.started = time.monotonic()
+        self.admin_keys = ApiKeys(g.resolved_admin_keys())
+        self.front_doors = {b.name: FrontDoor(b.faults, self.api_keys.index_of, self.started)
+                            for b in config.backends if b.faults is not None}
+        self.engine_faults = {b.name: EngineFaults(b.name, b.replicas, b.faults, self.started)
+                              for b in config.backends if b.faults is not None and b.mode == "emulate"}
+        self._fault_ids = itertools.count(1)
+        self._fault_loop: asyncio.Task | None = None
         self.recorder = None
         if g.record_trace:
             from gateway.recorder import TraceRecorder
@@ -643,13 +722,22 @@ class Gateway:
 
     async def startup(self) -> None:
         """Start the replicas; returns at once (the gateway listens while they boot)."""
+        self.started = time.monotonic()
+        for fd in self.front_doors.values():
+            fd.started = self.started
+        for ef in self.engine_faults.values():
+            ef.rebase(self.started)
         await self.supervisor.start(wait=False)
         if self.routing == "kv_aware":
             self._poller = asyncio.create_task(self._poll_load())
+        if self.engine_faults:
+            self._fault_loop = asyncio.create_task(run_engine_loop(self), name="engine-faults")
 
     async def shutdown(self) -> None:
         if self._poller:
             self._poller.cancel()
+        if self._fault_loop:
+            self._fault_loop.cancel()
         if self.recorder is not None:
             await self.recorder.close()
         self.h1.close()
@@ -756,7 +844,12 @@ def create_app(config: Config, supervisor: Supervisor | None = None, launch: boo
     public = {(m, p) for p in ("/health", "/ready") for m in ("GET", "HEAD")}
     if not config.gateway.metrics_require_key:
         public |= {("GET", "/metrics"), ("HEAD", "/metrics")}
-    app = Guard(inner, gw.api_keys, public, fwd, on_reject=lambda kind: gw.metrics.errors.labels("-", kind).inc())
+    admin = None
+    if gw.admin_keys:
+        from gateway.admin import create_admin_app
+        admin = create_admin_app(gw)
+    app = Guard(inner, gw.api_keys, public, fwd, on_reject=lambda kind: gw.metrics.errors.labels("-", kind).inc(),
+                admin=admin, admin_keys=gw.admin_keys)
     app.gateway = gw
     inner.state.gateway = gw
     return app

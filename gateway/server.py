@@ -87,6 +87,9 @@ def deadline_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            scope = getattr(self, "scope", None)  # uvicorn's request scope, built in on_message_begin
+            if scope is not None:
+                scope["emugate.transport"] = self.transport  # the client connection: the reset stream fault
             super().on_headers_complete()
             # read no more of the body until the app asks for it (uvicorn's receive() resumes reading, and so
             # does the end of a response): a request refused before its body is read (429) buffers nothing

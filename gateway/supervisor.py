@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import aiohttp
@@ -133,7 +134,7 @@ class Supervisor:
         self.on_fatal = on_fatal
         self.replicas: dict[str, list[Replica]] = {}
         self.runtime_dir: str | None = None
-        if launch and any(not b.ports for b in config.backends):
+        if launch and any(not b.ports or b.faults is not None for b in config.backends):
             self.runtime_dir = tempfile.mkdtemp(prefix="emugate-", dir=os.environ.get("XDG_RUNTIME_DIR") or None)
         g = config.gateway
         self.sessions = SessionPool(g.connect_timeout_s, g.idle_timeout_s)
@@ -151,6 +152,14 @@ class Supervisor:
         self._stopping = False
 
     # -------------------------------------------------------------- API
+    def faults_file(self, r: Replica) -> Path | None:
+        """Where replica ``r`` reads its engine faults (:mod:`gateway.faults`), in the private runtime
+        directory; None for a real backend, one without ``faults``, or attached servers."""
+        b = r.backend
+        if b.mode != "emulate" or b.faults is None or not self.runtime_dir or not self.launch:
+            return None
+        return Path(self.runtime_dir) / f"faults-{b.name}-{r.index}.json"
+
     def all_replicas(self) -> list[Replica]:
         return [r for reps in self.replicas.values() for r in reps]
 
@@ -209,6 +218,17 @@ class Supervisor:
         withhold = {self.config.gateway.api_keys_env} if self.config.gateway.api_keys_env else set()
         argv, env = vllm_command(r.backend, r.port, r.index, r.host, api_key=key, uds=r.uds,
                                  withhold_env=withhold, runtime_dir=self.runtime_dir)
+        fpath = self.faults_file(r)
+        if fpath is not None:
+            from gateway.faults import startup_seconds, write_state
+            from gateway.launch import resolve_model
+            if not fpath.exists():
+                write_state(fpath, {})
+            env["EMUGATE_FAULTS_FILE"] = str(fpath)
+            b = r.backend
+            startup = startup_seconds(b.faults.cold_start, resolve_model(b.model), b.dtype, b.tensor_parallel_size)
+            if startup > 0:
+                env["EMUGATE_STARTUP_S"] = f"{startup:.3f}"
         if r.uds and os.path.lexists(r.uds):
             os.unlink(r.uds)  # a previous start's socket: vLLM binds a fresh one
         r.process = ServerProcess(r.name, argv, env, log=self.log_stream)

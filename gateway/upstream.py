@@ -22,7 +22,7 @@ KEEPALIVE_S = 4.0
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"expect", b"host", b"content-length",
-    b"authorization", b"x-request-id",
+    b"authorization", b"x-request-id", b"x-emugate-fault",
 })
 #: Response headers not copied back to the client (uvicorn writes its own framing, date and server).
 RESPONSE_SKIP = frozenset({

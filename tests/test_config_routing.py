@@ -31,7 +31,7 @@ def test_check_cli_accepts_example_and_rejects_bad(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gateway", "--config", str(bad), "--check"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert f"{bad}: gateway.routing" in r.stderr and "backends[0].bogus: unknown key" in r.stderr
+    assert f"{bad}: line 3: gateway.routing" in r.stderr and "line 9: backends[0].bogus: unknown key" in r.stderr
 
 
 @pytest.mark.parametrize("mutate, needle", [

@@ -66,7 +66,8 @@ def test_sse_measurement_times_each_event_as_it_is_parsed(monkeypatch):
                 yield m
 
     monkeypatch.setattr(sse, "SSEParser", ClockedParser)
-    monkeypatch.setattr(sse, "time", type("VirtualTime", (), {"perf_counter": staticmethod(lambda: clock["now"])}))
+    monkeypatch.setattr(sse, "time", type("VirtualTime", (), {"perf_counter": staticmethod(lambda: clock["now"]),
+                                                              "monotonic": staticmethod(lambda: clock["now"])}))
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _TickHandler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
