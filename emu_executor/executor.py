@@ -149,9 +149,8 @@ class EmulatedExecutor(Executor):
             )
         self.world_size = self.parallel_config.world_size
         self._init_timing()
-        from emu_executor.faults import cold_start, fault_state
+        from emu_executor.faults import fault_state
         self.faults = fault_state() if os.environ.get("EMUGATE_FAULTS_FILE") else None
-        cold_start()
         self.requests = RequestTable()
         self.token_state: dict[str, TokenState] = {}
         self.pending: deque[_Step] = deque()
@@ -259,7 +258,13 @@ class EmulatedExecutor(Executor):
         return None
 
     def _rpc_determine_available_memory(self) -> int:
-        """Bytes such that vLLM's allocator yields the profile's KV token capacity."""
+        """Bytes such that vLLM's allocator yields the profile's KV token capacity.
+
+        A cold-start fault (``EMUGATE_STARTUP_S``, :mod:`emu_executor.faults`) sleeps here: on a GPU this is
+        when the weights have just been loaded and memory is profiled, inside vLLM's timed engine start-up.
+        """
+        from emu_executor.faults import cold_start
+        cold_start()
         fp = self.profile.fingerprint if self.profile is not None else {}
         blocks, bsize = fp.get("num_kv_blocks"), fp.get("block_size")
         if blocks and bsize:

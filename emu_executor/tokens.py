@@ -1,6 +1,6 @@
 """Synthetic output tokens: what the emulated forward pass "samples".
 
-Rules (issue 2):
+Rules:
 
 * never a special or control id: tokens come from a *pool* of ordinary,
   word-like vocabulary entries (decoded text matching ``_WORD``), built once

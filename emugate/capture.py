@@ -12,7 +12,7 @@ has two phases, both over the completions API with ``ignore_eos``:
    The grid runs once per temperature in ``grid_temperatures`` (0 and 1):
    vLLM's sampler is nearly free when a whole batch is greedy and costs
    ~1 ms per request per step on the CPU host when any request samples
-   (issue 14, ``benchmarks/sampler_cost.py``), so the profile needs both
+   (``benchmarks/sampler_cost.py``), so the profile needs both
    kinds of step (``random_rows``) to tell the two costs apart. A grid run
    greedy only, beside a workload sampled at temperature 1, made the
    oracle 3-5% fast on decode steps of 8-24 requests.
@@ -26,9 +26,9 @@ has two phases, both over the completions API with ``ignore_eos``:
    beyond saturation. The default rates (0.4, 1.1, 2.0 req/s) are chosen so
    that the README's validation rates (0.5-1.5 req/s) lie between and beyond
    them, never on them: a fidelity figure counts only at rates the profile
-   was not built from (issue 14).
+   was not built from.
 
-Why the load client matters (measured, issue 5): on a small CPU host the
+Why the load client matters (measured): on a small CPU host the
 forward pass shares cores with the API server and the load client, so a
 step's time depends on how much streaming work runs beside it. A profile
 whose workload phase was driven by a light httpx client predicted decode
@@ -36,7 +36,7 @@ steps of 8-12 requests 24% too fast under Locust load (61.4 ms real vs
 49.1 ms predicted, median). The grid phase is streamed too, for the same
 reason. On a GPU host the coupling is small, and the same procedure holds.
 
-Warm-up (measured, issue 5): a freshly started real server runs the same
+Warm-up (measured): a freshly started real server runs the same
 step shapes slower for its first minute or so (``benchmarks/restart_noise.py``:
 single-request decode 37.3 ms in the first probe pass after a 35 s warm-up
 pass vs 33.5 ms in the next, in 2 of 4 starts), and the old capture recorded

@@ -8,7 +8,7 @@ preemptions, resumed requests, recomputed and prefix-cached tokens).
 :func:`engine_figures` sums a run's window of those rows into the figures
 real and emulated runs are compared on; the client metrics alone cannot
 tell "the emulator's steps are too short" from "its scheduler made other
-decisions" (issue 14).
+decisions".
 """
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def candidates(args) -> list[tuple[str, dict]]:
         if args.profile:
             raise SimulationError("give either --config or --profile, not both")
         cfg = load_config(args.config)
-        base = [(b.name, b.model_dump(mode="json")) for b in cfg.backends if b.mode == "emulate"]
+        base = [(b.name, b.model_dump(mode="json")) for b in cfg.backends if b.mode == "emulate" and not b.urls]
         if not base:
             raise SimulationError(f"{args.config}: no backend with mode = 'emulate' (a candidate needs a profile)")
     else:

@@ -221,6 +221,9 @@ def backend_engine_args(b: BackendConfig) -> tuple[list[str], dict[str, str]]:
         FileNotFoundError: its profile cannot be found.
     """
     from gateway.launch import vllm_command
+    if b.urls:
+        raise SimulationError(f"backend {b.name!r} fronts running servers (urls): simulate needs the profile they run; "
+                              "describe one replica with mode = 'emulate' and its profile instead")
     if b.mode != "emulate":
         raise SimulationError(f"backend {b.name!r} is mode = 'real': simulate needs a latency profile. Capture one "
                               f"(emugate profile capture --config ... --backend {b.name}) and set mode = 'emulate', "

@@ -123,7 +123,7 @@ def prepare_env(cfg) -> None:
     from emugate.simulate import quiet_vllm
     from profiles.assets import resolve_profile
     quiet_vllm()
-    first = next((b for b in cfg.backends if b.mode == "emulate"), None)
+    first = next((b for b in cfg.backends if b.mode == "emulate" and b.profile), None)
     if first is not None:
         try:
             os.environ.setdefault("EMUGATE_PROFILE", str(resolve_profile(first.profile)))

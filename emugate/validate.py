@@ -38,7 +38,7 @@ capture uses seeds 1000-1002 and workload rates 0.4/1.1/2.0 req/s, the
 validation seed 7 and, in the README's sweep, rates between and beyond those
 (a rate the profile's capture ran at is reported with a warning).
 
-Same hardware (issue 14): on a CPU host the real backend's device *is* the
+Same hardware: on a CPU host the real backend's device *is* the
 host CPU, and CPUs that vLLM all calls ``cpu`` differ by up to 2.7x per
 prefill token (:mod:`profiles.hostinfo`). A profile recorded on another CPU
 (or one whose fingerprint does not name its CPU) is not compared with this
@@ -377,7 +377,8 @@ def main_validate(args) -> int:
     from profiles.assets import resolve_profile
     cfg = load_config(args.config)
     real_b = cfg.backend(args.real) if args.real else next(b for b in cfg.backends if b.mode == "real")
-    emu_b = cfg.backend(args.emulated) if args.emulated else next(b for b in cfg.backends if b.mode == "emulate")
+    emu_b = cfg.backend(args.emulated) if args.emulated else next(b for b in cfg.backends
+                                                                   if b.mode == "emulate" and b.profile)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

@@ -15,6 +15,7 @@ after logging each one's last log lines.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -44,6 +45,9 @@ def describe(cfg) -> str:
     for b in cfg.backends:
         what = f"profile {b.profile}, oracle {b.oracle}" if b.mode == "emulate" else \
             f"load_format {b.load_format or 'auto'}" + (f", capturing to {b.capture_trace}" if b.capture_trace else "")
+        if b.urls:
+            what = f"running servers {', '.join(b.urls)}" + (", with a key" if (b.api_key_env or b.api_key_file)
+                                                              else "")
         lines.append(f"  {b.name}: model '{b.model_name}' <- {b.model}, mode {b.mode} ({what}), "
                      f"{b.replicas} replica(s)")
         f = b.faults
@@ -63,6 +67,18 @@ def describe(cfg) -> str:
     return "\n".join(lines)
 
 
+async def _check_remotes(cfg) -> list[tuple[str, str]]:
+    """(replica name, problem or "") for every server in a backend's ``urls``."""
+    from gateway.supervisor import Supervisor
+    sup = Supervisor(cfg, launch=False)
+    try:
+        reps = [r for r in sup.all_replicas() if r.remote]
+        whys = await asyncio.gather(*(sup.check_remote(r) for r in reps))
+        return [(f"{r.name} {r.url}", w) for r, w in zip(reps, whys)]
+    finally:
+        await sup.sessions.close()
+
+
 def main(argv: list[str] | None = None, prog: str = "emugate serve") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
@@ -70,18 +86,28 @@ def main(argv: list[str] | None = None, prog: str = "emugate serve") -> int:
         if args.host or args.port:
             g = cfg.gateway.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
             cfg = cfg.model_copy(update={"gateway": g})
-        if any(b.mode == "emulate" for b in cfg.backends):
+        if any(b.mode == "emulate" and not b.urls for b in cfg.backends):
             from profiles.assets import resolve_profile
             for b in cfg.backends:
-                if b.mode == "emulate":
+                if b.mode == "emulate" and not b.urls:
                     resolve_profile(b.profile)
         cfg.gateway.resolved_api_keys()
         cfg.gateway.resolved_admin_keys()
+        for b in cfg.backends:
+            b.remote_key()
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.check:
         print(f"{args.config}: OK\n{describe(cfg)}")
+        if any(b.urls for b in cfg.backends):
+            problems = asyncio.run(_check_remotes(cfg))
+            for name, why in problems:
+                print(f"  {name}: {why or 'reachable, serves its model'}")
+            if any(why for _, why in problems):
+                print("error: some servers in urls cannot serve (the gateway would start and mark them not "
+                      "ready)", file=sys.stderr)
+                return 2
         return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn

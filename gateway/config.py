@@ -139,6 +139,41 @@ class BackendConfig(_Strict):
                                 "replicas (values are never echoed in errors nor written into profiles)")
     faults: FaultsConfig | None = Field(None, description="fault injection for staging: front-door, mid-stream and "
                                                           "engine faults, cold start (gateway/faults.py)")
+    urls: list[str] | None = Field(None, description="running vLLM OpenAI servers to front instead of starting "
+                                                     "replicas (http://host:port or https://...; one replica each; "
+                                                     "the gateway health-checks them but never starts or stops them)")
+    api_key_env: str | None = Field(None, description="urls: environment variable holding the servers' API key "
+                                                      "(sent as Bearer; never the gateway's client keys)")
+    api_key_file: str | None = Field(None, description="urls: file holding the servers' API key (first line)")
+    tls_verify: bool = Field(True, description="urls: verify https servers' certificates")
+    ca_file: str | None = Field(None, description="urls: CA bundle for https servers (default: the system's)")
+    connect_timeout_s: float | None = Field(None, gt=0, description="urls: connect timeout to these servers (s; "
+                                                                    "default: [gateway].connect_timeout_s)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replicas_from_urls(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("urls"), list) and "replicas" not in data:
+            data = {**data, "replicas": max(1, len(data["urls"]))}
+        return data
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_ok(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("urls lists no server")
+        from urllib.parse import urlsplit
+        for u in v:
+            p = urlsplit(u)
+            if p.scheme not in ("http", "https") or not p.hostname or p.path not in ("", "/") or p.query \
+                    or p.username or p.password:
+                raise ValueError(f"{u!r}: write http://HOST:PORT or https://HOST:PORT (no path, query or "
+                                 "credentials; the key goes in api_key_env / api_key_file)")
+        if len(set(v)) != len(v):
+            raise ValueError("urls must be distinct")
+        return v
 
     @field_validator("ports")
     @classmethod
@@ -149,6 +184,31 @@ class BackendConfig(_Strict):
 
     @model_validator(mode="after")
     def _mode_rules(self):
+        f = self.faults
+        if f is not None:
+            if (self.mode == "real" or self.urls is not None) and (f.engine or f.cold_start):
+                raise ValueError("faults.engine and faults.cold_start act inside an emulated engine the gateway "
+                                 "starts (a real backend, or one with urls, takes front-door and mid-stream faults)")
+            if self.mode == "real" and (f.http or f.stream or f.allow_header) and not f.allow_on_real:
+                raise ValueError("faults on a real backend need faults.allow_on_real = true (front-door and "
+                                 "mid-stream kinds only)")
+            for t in [*f.http, *f.stream, *f.engine]:
+                bad = [i for i in (t.replicas or []) if not 0 <= i < self.replicas]
+                if bad:
+                    raise ValueError(f"faults: replica indices {bad} out of range (this backend has "
+                                     f"{self.replicas} replicas: 0..{self.replicas - 1})")
+        if self.urls is not None:
+            if len(self.urls) != self.replicas:
+                raise ValueError(f"urls lists {len(self.urls)} servers for {self.replicas} replicas (leave replicas "
+                                 "out: one per url)")
+            for key in ("ports", "gpu_ids", "capture_trace", "profile", "load_format"):
+                if getattr(self, key):
+                    raise ValueError(f"{key} configures replicas the gateway starts; a backend with urls fronts "
+                                     "servers already running")
+            return self
+        if self.api_key_env or self.api_key_file or self.ca_file or not self.tls_verify or self.connect_timeout_s:
+            raise ValueError("api_key_env, api_key_file, tls_verify, ca_file and connect_timeout_s apply to "
+                             "backends with urls")
         if self.mode == "emulate" and not self.profile:
             raise ValueError("mode = 'emulate' needs `profile` (a profile file or bundled name)")
         if self.mode == "real" and self.profile:
@@ -160,25 +220,36 @@ class BackendConfig(_Strict):
                              "generated key; set client keys in [gateway].api_keys")
         if self.gpu_ids is not None and len(self.gpu_ids) != self.replicas:
             raise ValueError(f"gpu_ids lists {len(self.gpu_ids)} entries for {self.replicas} replicas")
-        f = self.faults
-        if f is not None:
-            if self.mode == "real" and (f.engine or f.cold_start):
-                raise ValueError("faults.engine and faults.cold_start act inside the emulated engine: mode = "
-                                 "'emulate' only (a real backend takes front-door and mid-stream faults)")
-            if self.mode == "real" and (f.http or f.stream or f.allow_header) and not f.allow_on_real:
-                raise ValueError("faults on a real backend need faults.allow_on_real = true (front-door and "
-                                 "mid-stream kinds only)")
-            for t in [*f.http, *f.stream, *f.engine]:
-                bad = [i for i in (t.replicas or []) if not 0 <= i < self.replicas]
-                if bad:
-                    raise ValueError(f"faults: replica indices {bad} out of range (this backend has "
-                                     f"{self.replicas} replicas: 0..{self.replicas - 1})")
         return self
 
     @property
     def model_name(self) -> str:
         """The name clients put in ``model`` (served_model_name, else the model string)."""
         return self.served_model_name or self.model
+
+    def remote_key(self) -> SecretStr | None:
+        """The API key of the servers in ``urls`` (from ``api_key_env`` or ``api_key_file``), or None.
+
+        Raises:
+            ConfigError: the variable is unset or the file unreadable or empty.
+        """
+        if self.api_key_env:
+            v = os.environ.get(self.api_key_env, "").strip()
+            if not v:
+                raise ConfigError(f"backends.{self.name}.api_key_env: the environment variable {self.api_key_env} "
+                                  "is unset or empty")
+            return SecretStr(v)
+        if self.api_key_file:
+            try:
+                lines = [ln.strip() for ln in Path(self.api_key_file).expanduser().read_text().splitlines()
+                         if ln.strip() and not ln.lstrip().startswith("#")]
+            except OSError as e:
+                raise ConfigError(f"backends.{self.name}.api_key_file: cannot read {self.api_key_file}: "
+                                  f"{e.strerror}") from None
+            if not lines:
+                raise ConfigError(f"backends.{self.name}.api_key_file: {self.api_key_file} holds no key")
+            return SecretStr(lines[0])
+        return None
 
 
 class Config(_Strict):

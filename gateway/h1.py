@@ -13,7 +13,7 @@ What it does, and what ``tests/test_gateway_http.py`` (a scripted raw-socket ups
 * Parsing is llhttp's (``httptools.HttpResponseParser``, the parser of Node.js): status line,
   headers, Content-Length, chunked bodies with extensions and trailers.
 * Interim responses (1xx other than 101) are skipped: their messages are parsed and dropped and
-  the final response that follows on the same connection is the answer (the mix-up of issue 11:
+  the final response that follows on the same connection is the answer (a response mix-up once seen here:
   an earlier client took a replica's ``100 Continue`` for the answer and pooled the connection
   with the real response still in flight).
 * Framing: Content-Length, chunked, or close-delimited (no length, not chunked: the body ends
@@ -319,6 +319,15 @@ class _Conn(asyncio.Protocol):
             self.abort()
 
 
+def _insecure_context():
+    """TLS without certificate verification (a backend's ``tls_verify = false``)."""
+    import ssl as _ssl
+    ctx = _ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = _ssl.CERT_NONE
+    return ctx
+
+
 def _expire(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError("the replica sent nothing for idle_timeout_s"))
@@ -341,8 +350,9 @@ class H1Pool:
         c.idle_since = time.monotonic()
         self._idle.setdefault(c.key, []).append(c)
 
-    async def _connect(self, host: str, port: int | None, uds: str | None) -> tuple[_Conn, bool]:
-        key = uds or f"{host}:{port}"
+    async def _connect(self, host: str, port: int | None, uds: str | None, ssl=None,
+                       connect_timeout_s: float | None = None) -> tuple[_Conn, bool]:
+        key = uds or f"{'https' if ssl is not None else 'http'}://{host}:{port}"
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
@@ -352,9 +362,13 @@ class H1Pool:
             c.abort()
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with asyncio.timeout(connect_timeout_s or self.connect_timeout_s):
                 if uds:
                     _, c = await loop.create_unix_connection(lambda: _Conn(self, key), uds)
+                elif ssl is not None:  # https (False: without certificate verification)
+                    ctx = ssl if ssl is not False else _insecure_context()
+                    _, c = await loop.create_connection(lambda: _Conn(self, key), host, port, ssl=ctx,
+                                                        server_hostname=host)
                 else:
                     _, c = await loop.create_connection(lambda: _Conn(self, key), host, port)
         except (OSError, TimeoutError) as e:
@@ -362,7 +376,8 @@ class H1Pool:
         return c, False
 
     async def request(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | bytearray,
-                      host: str = "127.0.0.1", port: int | None = None, uds: str | None = None) -> H1Response:
+                      host: str = "127.0.0.1", port: int | None = None, uds: str | None = None, ssl=None,
+                      connect_timeout_s: float | None = None) -> H1Response:
         """Send one request; returns once the final response's head has arrived.
 
         Args:
@@ -370,11 +385,13 @@ class H1Pool:
             headers: end-to-end headers to send (no ``Host``, ``Content-Length`` or hop-by-hop ones).
             body: the request body (``Content-Length`` is set from it).
             host, port: a TCP replica; ``uds``: a replica on a Unix socket (then ``Host: localhost``).
+            ssl: for an https replica, an ``ssl.SSLContext`` (or False: TLS without certificate checks).
+            connect_timeout_s: this request's connect timeout (default: the pool's).
 
         Raises:
             UpstreamConnectError, UpstreamDisconnected, UpstreamError, TimeoutError: see the module docstring.
         """
-        c, _ = await self._connect(host, port, uds)
+        c, _ = await self._connect(host, port, uds, ssl, connect_timeout_s)
         r = H1Response(c)
         c.resp = r
         c.reusable = False

@@ -507,7 +507,9 @@ class Forwarder:
         t_sent = time.perf_counter()
         try:
             # the path passed the Guard's rule and is sent as it is
-            resp = await gw.h1.request(method, path, hdrs, body, host=r.host, port=r.port, uds=r.uds)
+            resp = await gw.h1.request(method, path, hdrs, body, host=r.host, port=r.port, uds=r.uds,
+                                       ssl=r.ssl if r.ssl is not None else None,
+                                       connect_timeout_s=r.backend.connect_timeout_s)
         except UpstreamConnectError as e:
             gw.metrics.errors.labels(backend, "connect").inc()
             log.warning("request %s: %s unreachable (%s); trying another replica", rid_s, r.name, e)
@@ -659,7 +661,7 @@ class Gateway:
         self.front_doors = {b.name: FrontDoor(b.faults, self.api_keys.index_of, self.started)
                             for b in config.backends if b.faults is not None}
         self.engine_faults = {b.name: EngineFaults(b.name, b.replicas, b.faults, self.started)
-                              for b in config.backends if b.faults is not None and b.mode == "emulate"}
+                              for b in config.backends if b.faults is not None and b.mode == "emulate" and not b.urls}
         self._fault_ids = itertools.count(1)
         self._fault_loop: asyncio.Task | None = None
         self.recorder = None
@@ -680,7 +682,7 @@ class Gateway:
             req = None if tokens is not None else tokenize_request(endpoint, model, doc)
             if req is not None and r is not None:
                 async with self.supervisor.sessions.get(r.uds).post(f"{r.url}/tokenize", json=req,
-                                                                    headers=r.auth_headers(),
+                                                                    headers=r.auth_headers(), ssl=r.aiohttp_ssl,
                                                                     timeout=SCRAPE_TIMEOUT) as resp:
                     if resp.status == 200:
                         tokens = (await resp.json()).get("tokens")
@@ -745,6 +747,7 @@ class Gateway:
 
     async def _get(self, r: Replica, path: str) -> aiohttp.ClientResponse:
         return await self.supervisor.sessions.get(r.uds).get(f"{r.url}{path}", headers=r.auth_headers(),
+                                                              ssl=r.aiohttp_ssl,
                                                               timeout=SCRAPE_TIMEOUT)
 
     async def _poll_load(self) -> None:
@@ -772,7 +775,9 @@ class Gateway:
         if only is not None and only not in reps:
             return error_response(request, 404, f"The model `{only}` does not exist. Served models: {sorted(reps)}",
                                   "NotFoundError", param="model")
-        models = {m: {"ready": sum(r.ready for r in rs), "replicas": [r.state for r in rs]}
+        models = {m: {"ready": sum(r.ready for r in rs), "replicas": [r.state for r in rs],
+                      **({"not_ready": {r.name: r.reason for r in rs if r.reason and not r.ready}}
+                         if any(r.reason and not r.ready for r in rs) else {})}
                   for m, rs in reps.items() if only is None or m == only}
         ok = all(v["ready"] > 0 for v in models.values())
         return JSONResponse({"status": "ready" if ok else "not_ready", "models": models},

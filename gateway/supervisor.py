@@ -49,7 +49,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import aiohttp
 
@@ -91,6 +91,10 @@ class Replica:
     kv_usage: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
     ready_since: float | None = None
+    scheme: str = "http"
+    remote: bool = False  # a server named in the backend's ``urls``: never started or stopped here
+    ssl: Any = None  # https: an SSLContext, or False when tls_verify = false; None for http
+    reason: str = ""  # why it is not ready (shown by /ready and logged when it changes)
 
     @property
     def name(self) -> str:
@@ -99,7 +103,12 @@ class Replica:
     @property
     def url(self) -> str:
         """Base URL of the replica (for a Unix socket the host part is only the ``Host`` header)."""
-        return "http://localhost" if self.uds else f"http://{self.host}:{self.port}"
+        return "http://localhost" if self.uds else f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def aiohttp_ssl(self) -> Any:
+        """aiohttp's ``ssl`` argument for this replica (True: the default verification)."""
+        return True if self.ssl is None else self.ssl
 
     @property
     def address(self) -> str:
@@ -113,6 +122,27 @@ class Replica:
     def auth_headers(self) -> dict[str, str]:
         """The header that opens this replica's ``/v1`` routes (empty for attached servers)."""
         return dict([self.auth_header]) if self.auth_header else {}
+
+
+def _remote_replica(b: BackendConfig, i: int, url: str) -> Replica:
+    """A Replica for server ``url`` of backend ``b`` (its key from ``api_key_env``/``api_key_file``)."""
+    import ssl as _ssl
+    from urllib.parse import urlsplit
+    p = urlsplit(url)
+    https = p.scheme == "https"
+    ctx: Any = None
+    if https:
+        if not b.tls_verify:
+            ctx = False
+        else:
+            ctx = _ssl.create_default_context(cafile=b.ca_file) if b.ca_file else _ssl.create_default_context()
+    r = Replica(b, i, p.port or (443 if https else 80), host=p.hostname, scheme=p.scheme, remote=True, ssl=ctx)
+    key = b.remote_key()
+    if key is not None:
+        v = key.get_secret_value()
+        r.auth_header = ("Authorization", f"Bearer {v}")
+        r.auth_bytes = (b"authorization", f"Bearer {v}".encode())
+    return r
 
 
 class Supervisor:
@@ -140,6 +170,10 @@ class Supervisor:
         self.sessions = SessionPool(g.connect_timeout_s, g.idle_timeout_s)
         for bi, b in enumerate(config.backends):
             reps = []
+            if b.urls is not None:
+                reps = [_remote_replica(b, i, u) for i, u in enumerate(b.urls)]
+                self.replicas[b.model_name] = reps
+                continue
             for i in range(b.replicas):
                 if b.ports:
                     reps.append(Replica(b, i, b.ports[i]))
@@ -172,6 +206,9 @@ class Supervisor:
                 ``gateway.startup_timeout_s``.
         """
         for r in self.all_replicas():
+            if r.remote:
+                self._tasks.append(asyncio.create_task(self._watch_remote(r), name=f"watch-{r.name}"))
+                continue
             if self.launch:
                 self._spawn(r)
             self._tasks.append(asyncio.create_task(self._watch(r), name=f"watch-{r.name}"))
@@ -244,10 +281,57 @@ class Supervisor:
 
     async def _healthy(self, r: Replica) -> bool:
         try:
-            async with self.sessions.get(r.uds).get(f"{r.url}/health", timeout=HEALTH_TIMEOUT) as resp:
+            async with self.sessions.get(r.uds).get(f"{r.url}/health", timeout=HEALTH_TIMEOUT,
+                                                    ssl=r.aiohttp_ssl) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
+
+    async def check_remote(self, r: Replica) -> str:
+        """Why remote replica ``r`` cannot serve its model now ("" when it can): unreachable, unhealthy,
+        refusing the backend's key, or serving other models."""
+        s = self.sessions.get(None)
+        try:
+            async with s.get(f"{r.url}/health", timeout=HEALTH_TIMEOUT, ssl=r.aiohttp_ssl) as resp:
+                if resp.status != 200:
+                    return f"/health answered {resp.status}"
+            async with s.get(f"{r.url}/v1/models", headers=r.auth_headers(), timeout=HEALTH_TIMEOUT,
+                             ssl=r.aiohttp_ssl) as resp:
+                if resp.status in (401, 403):
+                    return (f"/v1/models answered {resp.status}: the server refused the backend's key (set "
+                            "api_key_env or api_key_file to the server's own key)")
+                if resp.status != 200:
+                    return f"/v1/models answered {resp.status}"
+                ids = [m.get("id") for m in (await resp.json(content_type=None)).get("data", [])]
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError) as e:
+            return f"unreachable ({e.__class__.__name__}: {str(e)[:200]})"
+        if r.backend.model_name not in ids:
+            return f"serves {ids}, not {r.backend.model_name!r} (set served_model_name to the name the server uses)"
+        return ""
+
+    async def _watch_remote(self, r: Replica) -> None:
+        """Health of a server named in ``urls``: ready when it answers and serves the backend's model;
+        down after failed checks; never started, stopped or restarted here."""
+        failures = 0
+        delay = 0.25
+        while not self._stopping:
+            why = await self.check_remote(r) if not r.ready else ("" if await self._healthy(r) else "/health failed")
+            if not why:
+                failures, delay = 0, HEALTH_INTERVAL_S
+                if not r.ready:
+                    log.info("%s (%s) ready", r.name, r.url)
+                    r.state, r.ready_since, r.reason = "ready", time.monotonic(), ""
+            else:
+                failures += 1
+                if r.ready and failures < HEALTH_FAILURES_DOWN:
+                    pass
+                else:
+                    if why != r.reason:
+                        log.warning("%s (%s) not ready: %s", r.name, r.url, why)
+                    r.state = "down" if r.ready or r.state == "down" else "starting"
+                    r.reason = why
+                    delay = min(5.0, delay * 2)
+            await asyncio.sleep(delay)
 
     def _tail(self, r: Replica) -> str:
         lines = list(r.process.tail) if r.process is not None else []

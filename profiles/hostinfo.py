@@ -2,7 +2,7 @@
 
 On vLLM's CPU platform the "device" is the host CPU, and two hosts that
 vLLM both calls ``cpu`` can run the same step shapes at very different
-speeds. Measured (issue 14): the bundled CPU profile, captured on a 2-core
+speeds. Measured: the bundled CPU profile, captured on a 2-core
 AMD EPYC host, against the same engine on a 2-core Intel Xeon with AMX-BF16
 (``benchmarks/step_trace_compare.py --rate 1.25``): prefill 0.48 vs 1.31 ms
 per token, single-request decode 54.8 vs 35.4 ms (median step). So a CPU

@@ -41,7 +41,7 @@ from profiles.format import Profile
 DECODE, PREFILL, MIXED = 0, 1, 2
 CLASS_NAMES = {DECODE: "decode-only", PREFILL: "prefill-containing", MIXED: "mixed"}
 #: Added to a cell key's class code for steps whose sampler takes the random path, when the
-#: oracle keeps greedy and sampled steps in separate cells (``FeatureOracle``, issue 14).
+#: oracle keeps greedy and sampled steps in separate cells (``FeatureOracle``).
 SAMPLED = 4
 
 #: Feature order used by the linear model of FeatureOracle (after a constant).
@@ -49,7 +49,7 @@ LINEAR_FEATURES = ("num_tokens", "num_reqs", "prefill_tokens", "attn_work", "con
 #: The subset FeatureOracle uses by default: the ablation in benchmarks/oracle_accuracy.py
 #: on the bundled profile kept attention work (decode p90 |err| 18.2% -> 14.8%, prefill
 #: median 4.6% -> 3.1%) and dropped context tokens (decode median 5.5% -> 7.7% with them).
-#: ``random_rows`` (issue 14): vLLM's sampler costs ~1 ms per request per step on the CPU
+#: ``random_rows``: vLLM's sampler costs ~1 ms per request per step on the CPU
 #: host when any request in the batch samples at temperature > 0 and next to nothing when
 #: all are greedy (``python benchmarks/sampler_cost.py``); a profile without the column
 #: (recorded before it existed) has it all zero, and its slope comes out 0.
