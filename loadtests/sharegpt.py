@@ -30,9 +30,11 @@ The result adds the prefix-cache hit rate the backends saw (their
 ``vllm:prefix_cache_*`` counters on ``/metrics``, before and after) beside the
 trace's ideal hit rate, and the requests clipped to ``max_model_len``.
 
-Distributed: start each worker with ``--plan-workers N`` (N workers in all);
-worker i sends every N-th request of the plan and writes its own
-``<result-json>.worker<i>``.
+Distributed (Locust's own mechanism): ``locust ... --master --expect-workers N --plan-workers N`` and N
+``locust ... --worker --plan-workers N``; worker i sends every N-th request of the plan and ships its raw
+per-request records to the master (a Locust custom message), which writes ONE ``--result-json`` and PNG
+from the union of the records (exact distributions, never averages of worker percentiles):
+:mod:`loadtests.merge`.
 """
 from __future__ import annotations
 
@@ -47,10 +49,9 @@ from locust import User, events, task
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loadtests.endpoint import EndpointNotReady, wait_for_model  # noqa: E402
-from loadtests.metrics import RequestResult, calculate_metrics, parse_goodput, result_json  # noqa: E402
+from loadtests.metrics import RequestResult, parse_goodput  # noqa: E402
 from loadtests.options import add_workload_args  # noqa: E402
 from loadtests.plan import PlanSpec, make_plan, split_for_worker  # noqa: E402
-from loadtests.report import summary_table, write_json, write_png  # noqa: E402
 from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa: E402
 
 
@@ -104,11 +105,24 @@ def prefix_cache_counters(host: str, headers: dict[str, str]) -> tuple[float, fl
     return None if q != q or h != h else (q, h)
 
 
-def _hit_rate(before, after) -> float | None:
-    """Prefix-cache hit rate over a run: hit tokens / queried tokens between two counter readings."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    return (after[1] - before[1]) / (after[0] - before[0])
+#: The Locust custom message a worker sends its raw per-request records in (distributed runs).
+MERGE_MESSAGE = "emugate_sharegpt_records"
+
+
+@events.init.add_listener
+def _distributed(environment, **_):
+    """Distributed runs (``--master`` / ``--worker`` with ``--plan-workers N``): one driver per worker, and
+    the master merges the workers' records into one result JSON/PNG (:mod:`loadtests.merge`)."""
+    from locust.runners import MasterRunner, WorkerRunner
+    o = environment.parsed_options
+    runner = environment.runner
+    if o is None or not isinstance(runner, (MasterRunner, WorkerRunner)):
+        return
+    ShareGPTDriver.fixed_count = max(1, o.plan_workers)
+    if isinstance(runner, MasterRunner):
+        from loadtests.merge import Merger
+        merger = Merger(environment, o)
+        runner.register_message(MERGE_MESSAGE, merger.on_message)
 
 
 class ShareGPTDriver(User):
@@ -163,8 +177,7 @@ class ShareGPTDriver(User):
                             ramp_up_start_rps=o.ramp_up_start_rps, ramp_up_end_rps=o.ramp_up_end_rps,
                             tokenizer_mode=o.tokenizer_mode)
             plan = split_for_worker(make_plan(spec), widx, o.plan_workers)
-        percentiles = [float(p) for p in o.percentiles.split(",") if p]
-        goodput = parse_goodput(o.goodput)
+        parse_goodput(o.goodput), o.percentiles.split(",")  # bad SLOs fail before any request is sent
         chat = o.endpoint == "chat"
         path = "/v1/chat/completions" if chat else "/v1/completions"
         cache0 = prefix_cache_counters(self.host, headers)
@@ -208,6 +221,7 @@ class ShareGPTDriver(User):
 
         greenlets = []
         t0 = time.perf_counter()
+        t0_epoch = time.time()
         for i, p in enumerate(plan):
             delay = t0 + p.at - time.perf_counter()
             if delay > 0:
@@ -215,31 +229,22 @@ class ShareGPTDriver(User):
             greenlets.append(gevent.spawn(one, i, p, t0 + p.at))
         gevent.joinall(greenlets)
         duration = time.perf_counter() - t0
-        metrics = calculate_metrics(results, duration, percentiles, goodput)
-        lags = sorted((r.start_time - r.queue_time - r.scheduled_time) * 1000 for r in results)
         cache1 = prefix_cache_counters(self.host, headers)
-        extra = {"send_lag_ms_p50": lags[len(lags) // 2] if lags else 0.0,
-                 "send_lag_ms_p99": lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else 0.0,
-                 "send_lag_ms_max": lags[-1] if lags else 0.0,
-                 "mean_queue_time_ms": 1000 * sum(r.queue_time for r in results) / max(1, len(results)),
-                 "goodput_slos_ms": goodput or None, "percentiles": percentiles, "seed": o.seed,
-                 "endpoint": path, "ignore_eos": o.ignore_eos, "driver": "locust (emugate loadtests.sharegpt)",
-                 "prefix_cache_hit_rate": _hit_rate(cache0, cache1)}
-        if trace is not None:
-            extra.update({"trace": o.trace, "time_scale": o.time_scale, "trace_start_s": o.trace_start,
-                          "trace_duration_s": trace.duration_s, "trace_block_size": trace.block_size,
-                          "trace_ideal_hit_rate": trace.ideal_hit_rate(),
-                          "over_max_model_len": trace.over_max_model_len, "trace_notes": trace.notes})
-        doc = result_json(results, metrics, backend="openai-chat" if chat else "openai", model_id=model,
-                          tokenizer_id=tok, num_prompts=len(plan), request_rate=o.request_rate,
-                          burstiness=o.burstiness, max_concurrency=o.max_concurrency or None,
-                          label=o.label, extra=extra)
-        out = o.result_json if o.plan_workers <= 1 else f"{o.result_json}.worker{widx}"
-        write_json(doc, out)
-        png = o.result_png or os.path.splitext(out)[0] + ".png"
-        write_png(results, png, title=f"{model} @ {o.request_rate} req/s (burstiness {o.burstiness})")
-        print(summary_table(metrics, percentiles), file=sys.stderr)
-        print(f"[sharegpt] send lag p99 {extra['send_lag_ms_p99']:.2f} ms; wrote {out} and {png}", file=sys.stderr)
+        info = {"model": model, "tokenizer": tok, "chat": chat, "path": path, "num_prompts": len(plan),
+                "cache": [cache0, cache1], "trace": None if trace is None else {
+                    "trace": o.trace, "time_scale": o.time_scale, "trace_start_s": o.trace_start,
+                    "trace_duration_s": trace.duration_s, "trace_block_size": trace.block_size,
+                    "trace_ideal_hit_rate": trace.ideal_hit_rate(), "over_max_model_len": trace.over_max_model_len,
+                    "trace_notes": trace.notes}}
+        from loadtests.merge import worker_payload, write_result
+        if o.plan_workers > 1:
+            # distributed: the master merges every worker's raw records into one result (loadtests/merge.py)
+            runner.send_message(MERGE_MESSAGE, worker_payload(widx, [p.index for p in plan], results, t0, t0_epoch,
+                                                               duration, info))
+            print(f"[sharegpt] worker {widx}: {len(results)} requests sent to the master for the merged result",
+                  file=sys.stderr, flush=True)
+            return
+        write_result(o, results, duration, info)
         runner.quit()
         raise gevent.GreenletExit()
 

@@ -205,6 +205,48 @@ def test_headless_locust_writes_vllm_format_json_and_png(emu20, tmp_path):
     assert cmp_.returncode == 0 and "+0.00%" in cmp_.stdout and "Mean TTFT (ms)" in cmp_.stdout
 
 
+@pytest.mark.e2e
+def test_distributed_locust_writes_one_result_equal_per_request_to_a_single_run(emu20, tmp_path):
+    """Master + 2 workers (Locust's own distributed mode) write ONE result: the union of the workers'
+    raw records, equal request for request to a single driver running the same plan."""
+    from gateway.launch import free_port
+    base = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "-H", emu20,
+            "--num-prompts", "30", "--request-rate", "8", "--ignore-eos", "--seed", "3", "--only-summary"]
+    single = tmp_path / "single.json"
+    p = subprocess.run([*base, "--headless", "--result-json", str(single)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    merged = tmp_path / "merged.json"
+    port = free_port()
+    master = subprocess.Popen([*base, "--headless", "--master", "--expect-workers", "2", "--master-bind-port",
+                               str(port), "--plan-workers", "2", "--result-json", str(merged)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [subprocess.Popen([*base, "--worker", "--master-port", str(port), "--plan-workers", "2"],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        _, err = master.communicate(timeout=400)
+    finally:
+        for w in workers:
+            w.wait(timeout=60) if w.poll() is None and master.returncode is not None else None
+            if w.poll() is None:
+                w.kill()
+    assert master.returncode == 0, err[-3000:]
+    assert not list(tmp_path.glob("merged.json.worker*"))  # one result, no per-worker files
+    a, b = json.loads(single.read_text()), json.loads(merged.read_text())
+    assert b["workers"] == 2 and b["completed"] == a["completed"] == 30 and b["failed"] == 0
+    assert b["input_lens"] == a["input_lens"] and b["output_lens"] == a["output_lens"]
+    assert [len(x) for x in b["itls"]] == [len(x) for x in a["itls"]]
+    assert b["total_output_tokens"] == a["total_output_tokens"]
+    from loadtests.metrics import RequestResult, calculate_metrics
+    rs = [RequestResult(prompt_len=i, output_tokens=o, success=True, ttft=t, itl=itl, latency=lat, start_time=st)
+          for i, o, t, itl, lat, st in zip(b["input_lens"], b["output_lens"], b["ttfts"], b["itls"], b["latencies"],
+                                             b["start_times"])]
+    again = calculate_metrics(rs, b["duration"], [50, 90, 99])
+    for k in ("p50_ttft_ms", "p99_ttft_ms", "p90_itl_ms", "mean_tpot_ms", "p99_e2el_ms"):
+        assert b[k] == pytest.approx(again[k], rel=1e-12), k  # the merge's percentiles are the union's own
+        assert b[k] == pytest.approx(a[k], rel=0.25, abs=5.0), k  # and a single run's, up to timing noise
+
+
 # ------------------------------------------- waiting for the endpoint's model
 class _ModelsHandler(BaseHTTPRequestHandler):
     """``GET /v1/models``: 503, then an empty list, then the model (as the gateway while a backend loads)."""
