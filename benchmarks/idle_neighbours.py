@@ -1,4 +1,4 @@
-"""Do idle vLLM servers beside a real one slow its steps? (issue 14's open lead)
+"""Do idle vLLM servers beside a real one slow its steps? (an open lead of the CPU fidelity work)
 
 ``validate`` keeps three servers up (two starts of the real backend and the
 emulated one) and drives one at a time, while ``capture`` runs the real

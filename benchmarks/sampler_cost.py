@@ -1,4 +1,4 @@
-"""What vLLM's sampler costs per step: all-greedy batches vs batches that sample (issue 14).
+"""What vLLM's sampler costs per step: all-greedy batches vs batches that sample.
 
 vLLM V1's ``Sampler.sample`` (``vllm/v1/sample/sampler.py``) returns the
 argmax when every request in the batch is greedy (temperature 0) and
