@@ -1,7 +1,7 @@
 """Does virtual time agree with real time? ``emugate simulate`` against the real-time emulated server.
 
     python benchmarks/simulate_agreement.py --rates 4,12,24,32 --num-prompts 400 --runs 2 \\
-        --extra-args "--max-num-seqs 48 --num-gpu-blocks-override 1600"
+        --extra-args "--max-num-seqs 48 --num-gpu-blocks-override 800 --max-model-len 4096"
 
 Per rate: ``--runs`` real-time runs (each a fresh emulated vLLM OpenAI server: the same profile,
 seed and engine arguments, its emulated executor recording every step; driven by the Locust
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=400)
     ap.add_argument("--runs", type=int, default=2, help="real-time runs per rate (their spread is reported)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--extra-args", default="--max-num-seqs 48 --num-gpu-blocks-override 1600",
+    ap.add_argument("--extra-args", default="--max-num-seqs 48 --num-gpu-blocks-override 800 --max-model-len 4096",
                     help="vLLM engine arguments of both modes")
     ap.add_argument("--out", default=str(ROOT / "runs" / "simulate-agreement"))
     args = ap.parse_args()

@@ -311,7 +311,10 @@ def build_engine(b: BackendConfig, replica: int = 0, seed: int | None = None):
             cfg = AsyncEngineArgs.from_cli_args(args).create_engine_config()
         except Exception as e:  # vLLM's validation errors (pydantic, ValueError)
             raise SimulationError(f"backend {b.name!r}: vLLM refused the engine configuration: {e}") from None
-        core = EngineCore(cfg, executor_class=VirtualTimeExecutor, log_stats=False)
+        try:
+            core = EngineCore(cfg, executor_class=VirtualTimeExecutor, log_stats=False)
+        except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. the KV pool cannot hold max_model_len
+            raise SimulationError(f"backend {b.name!r}: vLLM could not start its engine: {e}") from None
         front = _Frontend(cfg)
     return core, front
 
