@@ -485,6 +485,88 @@ class SimReplica:
             self.core.shutdown()
 
 
+# --------------------------------------------------------------------------- rendering ahead
+#: Runs with at least this many requests render them in a helper process ahead of the simulation
+#: (on hosts with 2+ cores): vLLM's front end (chat template, tokenizer, request validation) is ~40 %
+#: of a ShareGPT simulation's wall time on one core (benchmarks/simulate_speed.py).
+RENDER_AHEAD_MIN = 1000
+#: Requests per chunk sent to the helper, and chunks kept in flight.
+RENDER_CHUNK = 128
+RENDER_INFLIGHT = 4
+
+_WORKER_FRONT: "_Frontend | None" = None
+
+
+def _render_init(backend_json: str, env: dict[str, str]) -> None:
+    """Helper process: build the backend's front end (vLLM's renderer and input processor) once."""
+    global _WORKER_FRONT
+    os.environ.update(env)
+    quiet_vllm()
+    b = BackendConfig.model_validate_json(backend_json)
+    argv, emu = backend_engine_args(b)
+    with _environ(emu):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(argv)
+        _WORKER_FRONT = _Frontend(AsyncEngineArgs.from_cli_args(args).create_engine_config())
+
+
+def _render_chunk(bodies: list[dict]) -> list:
+    """Helper process: render a chunk of bodies; a refused body comes back as its ValueError."""
+    out = []
+    for b in bodies:
+        try:
+            out.append(_WORKER_FRONT.render(b))
+        except ValueError as e:
+            out.append(e)
+    return out
+
+
+class _RenderAhead:
+    """Renders a workload's bodies in order, in one helper process, a few chunks ahead of the simulation
+    (the same vLLM front-end code, so the rendered requests are identical to rendering in-process)."""
+
+    def __init__(self, backend: BackendConfig, workload: "Workload", model: str) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+        env = {k: v for k, v in os.environ.items() if k.startswith(("EMUGATE_", "VLLM_", "HF_"))}
+        self._ex = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_render_init,
+                                       initargs=(backend.model_dump_json(), env))
+        self._wl, self._model = workload, model
+        self._next_chunk = 0
+        self._futures: list = []
+        self._buf: list = []
+        for _ in range(RENDER_INFLIGHT):
+            self._submit()
+
+    def _submit(self) -> None:
+        arr = self._wl.arrivals
+        i = self._next_chunk * RENDER_CHUNK
+        if i >= len(arr):
+            return
+        bodies = [self._wl.body(a, self._model) for a in arr[i:i + RENDER_CHUNK]]
+        self._futures.append(self._ex.submit(_render_chunk, bodies))
+        self._next_chunk += 1
+
+    def next(self):
+        """The next request's rendering, in workload order.
+
+        Raises:
+            ValueError: vLLM refused that request's body.
+        """
+        if not self._buf:
+            self._buf = list(reversed(self._futures.pop(0).result()))
+            self._submit()
+        r = self._buf.pop()
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def close(self) -> None:
+        self._ex.shutdown(wait=False, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- fleet
 @dataclass
 class RunResult:
@@ -556,6 +638,8 @@ class Fleet:
         #: at other rates or seeds (``emugate plan``); off for one long run, whose renders are used once.
         self.cache_renders = False
         self._renders: dict = {}
+        #: Render long runs' requests in a helper process (:class:`_RenderAhead`); False: in-process.
+        self.render_ahead = True
 
     def profile_notes(self) -> list[str]:
         """What users must know about each backend's profile (estimate labels, error bands)."""
@@ -595,33 +679,42 @@ class Fleet:
         t_wall = time.perf_counter()
         n = len(workload.arrivals)
         report_every = max(1, n // 20)
-        for k, a in enumerate(workload.arrivals):
-            model = models[0] if len(models) == 1 else pick_rng.choices(models, weights)[0]
-            reps = self.by_model[model]
-            for r in reps:
-                r.advance(a.at)
-                r.release(a.at)
-            body = workload.body(a, model)
-            try:
-                rendered = self._render(reps[0], workload, a.index, body)
-            except ValueError as e:
-                raise SimulationError(f"request {a.index}: vLLM refused it: {e}") from None
-            if len(reps) == 1:
-                chosen = reps[0]
-            else:
-                if self.policy == "kv_aware":
-                    for r in reps:
-                        r.poll(a.at, self.poll_s)
-                key = affinity_key(self.policy, body, {})
-                chosen = pick(reps, self.policy, key)
-            chosen.enqueue(a.at, a.index, a.prompt_len, rendered)
-            routed[chosen.name] += 1
-            if stop is not None and any(r.stopped for r in self.replicas):
-                break
-            if progress and (k + 1) % report_every == 0:
-                el = time.perf_counter() - t_wall
-                print(f"[simulate] {k + 1}/{n} requests, {a.at:.0f} s simulated in {el:.1f} s wall "
-                      f"({a.at / max(el, 1e-9):.0f}x)", file=sys.stderr)
+        ahead = None
+        if (len(models) == 1 and not self.cache_renders and n >= RENDER_AHEAD_MIN
+                and (os.cpu_count() or 1) >= 2 and self.render_ahead):
+            ahead = _RenderAhead(self.backends[models[0]], workload, models[0])
+        try:
+            for k, a in enumerate(workload.arrivals):
+                model = models[0] if len(models) == 1 else pick_rng.choices(models, weights)[0]
+                reps = self.by_model[model]
+                for r in reps:
+                    r.advance(a.at)
+                    r.release(a.at)
+                body = workload.body(a, model) if ahead is None or self.policy in ("prefix_affinity",
+                                                                                   "session_affinity") else None
+                try:
+                    rendered = ahead.next() if ahead is not None else self._render(reps[0], workload, a.index, body)
+                except ValueError as e:
+                    raise SimulationError(f"request {a.index}: vLLM refused it: {e}") from None
+                if len(reps) == 1:
+                    chosen = reps[0]
+                else:
+                    if self.policy == "kv_aware":
+                        for r in reps:
+                            r.poll(a.at, self.poll_s)
+                    key = affinity_key(self.policy, body, {})
+                    chosen = pick(reps, self.policy, key)
+                chosen.enqueue(a.at, a.index, a.prompt_len, rendered)
+                routed[chosen.name] += 1
+                if stop is not None and any(r.stopped for r in self.replicas):
+                    break
+                if progress and (k + 1) % report_every == 0:
+                    el = time.perf_counter() - t_wall
+                    print(f"[simulate] {k + 1}/{n} requests, {a.at:.0f} s simulated in {el:.1f} s wall "
+                          f"({a.at / max(el, 1e-9):.0f}x)", file=sys.stderr)
+        finally:
+            if ahead is not None:
+                ahead.close()
         for r in self.replicas:
             r.drain()
         stopped = any(r.stopped for r in self.replicas)
