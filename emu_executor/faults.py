@@ -125,6 +125,16 @@ class FaultState:
             logging.shutdown()
             os._exit(CRASH_EXIT_CODE)
 
+    def watch(self) -> None:
+        """Start a daemon thread that applies ``crash`` within :data:`POLL_S` even while the engine is idle
+        (a GPU fault does not wait for traffic); ``crash_after_requests`` fires on admission."""
+        def _loop() -> None:
+            while True:
+                time.sleep(POLL_S)
+                if self.refresh().get("crash"):
+                    self.admitted(0)
+        threading.Thread(target=_loop, daemon=True, name="emugate-faults").start()
+
     def kv_fraction(self) -> float:
         """The usable fraction of the KV pool (1.0: all of it)."""
         v = self.refresh().get("kv_fraction")
@@ -140,6 +150,8 @@ def fault_state() -> FaultState:
     if _STATE is None:
         _STATE = FaultState(os.environ.get("EMUGATE_FAULTS_FILE") or None,
                             int(os.environ.get("EMUGATE_SEED", "0") or 0))
+        if _STATE.path is not None:
+            _STATE.watch()
     return _STATE
 
 
