@@ -120,6 +120,14 @@ def _distributed(environment, **_):
         return
     ShareGPTDriver.fixed_count = max(1, o.plan_workers)
     if isinstance(runner, MasterRunner):
+        # one driver per worker: the master must spawn --plan-workers users (Locust's default is 1, and
+        # Locust places fixed_count users one per worker)
+        if (o.num_users or 0) != o.plan_workers:
+            if o.num_users is not None:
+                print(f"[sharegpt] master: -u {o.num_users} replaced by --plan-workers {o.plan_workers} "
+                      "(one driver per worker)", file=sys.stderr, flush=True)
+            o.num_users = o.plan_workers
+        o.spawn_rate = max(float(o.spawn_rate or 0), float(o.plan_workers))
         from loadtests.merge import Merger
         merger = Merger(environment, o)
         runner.register_message(MERGE_MESSAGE, merger.on_message)
