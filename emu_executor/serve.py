@@ -5,7 +5,8 @@ Starts vLLM's OpenAI server in emulate mode: sets ``EMUGATE_PROFILE`` (and
 ``--distributed-executor-backend emu_executor.EmulatedExecutor`` and
 ``HF_HUB_OFFLINE=1``, then replaces itself with
 ``python -m vllm.entrypoints.openai.api_server`` (so signals reach vLLM).
-A bundled model name given to ``--model`` is resolved to its directory, and
+A bundled model name given to ``--model`` is resolved to its directory and served under that name
+(``--served-model-name``, unless given), and
 ``--tokenizer-mode mistral`` is added when that directory has a tekken.json. ``GET /ready`` answers as
 ``/health`` (:mod:`emu_executor.ready`), for a readiness probe. Bad input (no profile, an unknown
 profile, a model directory without config.json) exits 2 with a message, before vLLM starts.
@@ -67,10 +68,14 @@ def main(argv: list[str] | None = None, prog: str = "emugate emulate") -> None:
         _fail("give --model DIR (a directory with config.json and a tokenizer, or a bundled model name; "
               "env EMUGATE_MODEL)")
     i = rest.index("--model") + 1
+    given = rest[i]
     try:
-        rest[i] = str(resolve_model_dir(rest[i]))
+        rest[i] = str(resolve_model_dir(given))
     except FileNotFoundError:
         pass
+    if rest[i] != given and "--served-model-name" not in rest \
+            and not any(a.startswith("--served-model-name=") for a in rest):
+        rest += ["--served-model-name", given]  # clients (and a gateway's urls backend) ask for the name given
     model = Path(rest[i])
     if model.exists() and not (model / "config.json").exists():
         _fail(f"{model} has no config.json: emulate mode needs the model's config.json and tokenizer files")

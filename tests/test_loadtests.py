@@ -226,6 +226,8 @@ def test_distributed_locust_writes_one_result_equal_per_request_to_a_single_run(
     try:
         _, err = master.communicate(timeout=400)
     finally:
+        if master.poll() is None:  # never leave a master bound to its port
+            master.kill()
         for w in workers:
             w.wait(timeout=60) if w.poll() is None and master.returncode is not None else None
             if w.poll() is None:
