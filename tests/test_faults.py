@@ -38,7 +38,7 @@ def test_engine_fault_parameters_are_checked_per_kind():
 
 
 def test_config_rules_for_real_backends_and_replica_indices():
-    with pytest.raises(ConfigError, match="mode = 'emulate' only"):
+    with pytest.raises(ConfigError, match="act inside an emulated engine the gateway starts"):
         parse_config(_cfg({"engine": [{"kind": "hang"}], "allow_on_real": True}, mode="real"))
     with pytest.raises(ConfigError, match="allow_on_real"):
         parse_config(_cfg({"http": [{"status": 503}]}, mode="real"))
