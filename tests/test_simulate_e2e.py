@@ -180,7 +180,10 @@ def test_isolated_requests_match_the_real_time_emulated_server_step_for_step(tmp
     finally:
         f.shutdown()
     assert [r.output_tokens for r in run.results] == [u["completion_tokens"] for u in served]
-    assert run.totals()["steps"] == real_steps
+    # the same steps, up to one per request: with async scheduling the real server's step at a
+    # request's end depends on wall-clock timing (whether the next step was already scheduled)
+    assert abs(run.totals()["steps"] - real_steps) <= len(bodies), (run.totals()["steps"], real_steps)
+    assert run.totals()["steps"] >= sum(u["completion_tokens"] for u in served)  # one token per request per step
 
 
 def test_plan_end_to_end_and_an_slo_nobody_meets(tmp_path):
