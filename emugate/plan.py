@@ -103,6 +103,7 @@ class Point:
     wall_s: float
     replicas: int = 1
     stopped: bool = False  # ended as soon as an SLO could no longer hold (values then partial)
+    broken: str | None = None  # the metric whose SLO stopped the run
 
 
 def evaluate(fleet: Fleet, workload: Workload | Callable[[float], Workload], rate: float, slos: Sequence[SLO],
@@ -111,13 +112,15 @@ def evaluate(fleet: Fleet, workload: Workload | Callable[[float], Workload], rat
     through ``fleet``, step times x ``scale``, and check the SLOs."""
     from loadtests.metrics import calculate_metrics
     wl = (workload(rate) if callable(workload) else workload).at_rate(rate)
-    run: RunResult = fleet.run(wl, seed=seed, latency_scale=scale, stop=slo_breaker(slos, len(wl.arrivals)))
+    breaker = slo_breaker(slos, len(wl.arrivals))
+    run: RunResult = fleet.run(wl, seed=seed, latency_scale=scale, stop=breaker)
     pcts = sorted({s.percentile for s in slos} | {50.0, 90.0, 99.0})
     m = calculate_metrics(run.results, run.duration_s, pcts)
     values = {s.key: float(m[s.key]) for s in slos}
     ok = not run.stopped and m["failed"] == 0 and all(values[s.key] <= s.limit_ms for s in slos)
     return Point(rate, seed, scale, values, ok, m["completed"], m["failed"], float(m["output_throughput"]),
-                 run.duration_s, run.wall_s, len(fleet.replicas), run.stopped)
+                 run.duration_s, run.wall_s, len(fleet.replicas), run.stopped,
+                 getattr(breaker, "fired", None) if run.stopped else None)
 
 
 def slo_breaker(slos: Sequence[SLO], n: int) -> Callable:
@@ -144,9 +147,11 @@ def slo_breaker(slos: Sequence[SLO], n: int) -> Callable:
             if v > limit:
                 seen[metric] += 1
                 if seen[metric] >= k:
+                    stop.fired = metric
                     return True
         return False
 
+    stop.fired = None  # the metric whose SLO could no longer hold, once the run is stopped
     return stop
 
 
@@ -230,6 +235,9 @@ def _limiting(points: Sequence[Point], slos: Sequence[SLO], goodput: float) -> s
     if not above:
         return "-"
     p = above[0]
+    if p.stopped and p.broken:
+        # the run was stopped once this SLO could no longer hold (its requests after that: not run)
+        return " / ".join(str(s) for s in slos if s.metric == p.broken)
     worst = max(slos, key=lambda s: p.values[s.key] / s.limit_ms)
     return str(worst) if p.failed == 0 else f"{p.failed} requests failed"
 

@@ -175,7 +175,20 @@ def test_slo_breaker_watches_tpot_and_ignores_itl():
     assert not stop(_res(5.0, tpot_s=0.01))  # a slow TTFT is not a TPOT miss
     assert not stop(_res(0.1, tpot_s=0.05))
     assert stop(_res(0.1, tpot_s=0.05))
+    assert stop.fired == "tpot"
     assert slo_breaker([SLO("itl", 99.0, 10.0)], 100) is None
+
+
+def test_a_stopped_run_is_limited_by_the_slo_that_stopped_it_not_by_its_unsimulated_requests():
+    from emugate.plan import _limiting
+    slos = [SLO("ttft", 99.0, 2000.0), SLO("tpot", 99.0, 50.0)]
+    ok = Point(10.0, 0, 1.0, {"p99_ttft_ms": 40.0, "p99_tpot_ms": 20.0}, True, 500, 0, 1.0, 1.0, 0.1)
+    # stopped early: 300 requests never simulated count as failed; partial values below both limits
+    stopped = Point(20.0, 0, 1.0, {"p99_ttft_ms": 90.0, "p99_tpot_ms": 45.0}, False, 200, 300, 1.0, 1.0, 0.1,
+                    stopped=True, broken="tpot")
+    assert _limiting([ok, stopped], slos, 10.0) == str(slos[1])
+    failed = Point(20.0, 0, 1.0, {"p99_ttft_ms": 90.0, "p99_tpot_ms": 45.0}, False, 490, 10, 1.0, 1.0, 0.1)
+    assert _limiting([ok, failed], slos, 10.0) == "10 requests failed"
 
 
 # ------------------------------------------------------------------ bad input: clear message, exit code, no traceback
