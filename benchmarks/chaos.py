@@ -32,7 +32,7 @@ from gateway.launch import ServerProcess, free_port, wait_healthy
 #: (kind, replica, start s after the load starts, duration s, parameters)
 SCENARIO = [("slow", 1, 30, 60, {"factor": 3.0}),
             ("crash", 1, 120, None, {}),
-            ("kv_pressure", 0, 180, 60, {"fraction": 0.01})]
+            ("kv_pressure", 0, 180, 60, {"fraction": 0.003})]
 
 
 def scrape(url: str) -> dict:
