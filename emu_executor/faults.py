@@ -120,10 +120,13 @@ class FaultState:
         st = self.refresh()
         after = st.get("crash_after_requests")
         if st.get("crash") or (after is not None and self.requests_admitted >= int(after)):
-            logger.error("emugate: crash fault: engine-core process exits (code %d) after %d requests",
-                         CRASH_EXIT_CODE, self.requests_admitted)
-            logging.shutdown()
-            os._exit(CRASH_EXIT_CODE)
+            self._crash()
+
+    def _crash(self) -> None:
+        logger.error("emugate: crash fault: engine-core process exits (code %d) after %d requests",
+                     CRASH_EXIT_CODE, self.requests_admitted)
+        logging.shutdown()
+        os._exit(CRASH_EXIT_CODE)
 
     def watch(self) -> None:
         """Start a daemon thread that applies ``crash`` within :data:`POLL_S` even while the engine is idle
@@ -132,7 +135,7 @@ class FaultState:
             while True:
                 time.sleep(POLL_S)
                 if self.refresh().get("crash"):
-                    self.admitted(0)
+                    self._crash()
         threading.Thread(target=_loop, daemon=True, name="emugate-faults").start()
 
     def kv_fraction(self) -> float:

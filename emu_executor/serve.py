@@ -41,6 +41,11 @@ def build_parser(prog: str = "emugate emulate") -> argparse.ArgumentParser:
     return ap
 
 
+def _has_flag(args: list[str], flag: str) -> bool:
+    """Whether ``flag`` is among ``args``, as ``--flag VALUE`` or ``--flag=VALUE``."""
+    return flag in args or any(a.startswith(flag + "=") for a in args)
+
+
 def _fail(msg: str) -> None:
     print(f"emugate emulate: error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None, prog: str = "emugate emulate") -> None:
     if args.step_ms is not None:
         env["EMUGATE_STEP_MS"] = str(args.step_ms)
     for flag, var in (("--model", "EMUGATE_MODEL"), ("--host", "EMUGATE_HOST"), ("--port", "EMUGATE_PORT")):
-        if flag not in rest and not any(a.startswith(flag + "=") for a in rest) and os.environ.get(var):
+        if not _has_flag(rest, flag) and os.environ.get(var):
             rest += [flag, os.environ[var]]
     if "--model" not in rest:
         _fail("give --model DIR (a directory with config.json and a tokenizer, or a bundled model name; "
@@ -73,8 +78,7 @@ def main(argv: list[str] | None = None, prog: str = "emugate emulate") -> None:
         rest[i] = str(resolve_model_dir(given))
     except FileNotFoundError:
         pass
-    if rest[i] != given and "--served-model-name" not in rest \
-            and not any(a.startswith("--served-model-name=") for a in rest):
+    if rest[i] != given and not _has_flag(rest, "--served-model-name"):
         rest += ["--served-model-name", given]  # clients (and a gateway's urls backend) ask for the name given
     model = Path(rest[i])
     if model.exists() and not (model / "config.json").exists():

@@ -286,6 +286,28 @@ class _Frontend:
         return self.ip.process_inputs(request_id, engine_input, sp, ("generate",), arrival_time=arrival_s)
 
 
+def engine_config(b: BackendConfig):
+    """vLLM's ``VllmConfig`` for emulated backend ``b``, parsed by ``vllm serve``'s own argument parser from
+    the arguments the gateway would start it with; call inside ``_environ`` of the backend's emulation env.
+
+    Raises:
+        SimulationError: vLLM refuses the arguments or the engine configuration (its message).
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    argv, _ = backend_engine_args(b)
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        raise SimulationError(f"backend {b.name!r}: vLLM refused its arguments {argv}") from None
+    try:
+        return AsyncEngineArgs.from_cli_args(args).create_engine_config()
+    except Exception as e:  # vLLM's validation errors (pydantic, ValueError)
+        raise SimulationError(f"backend {b.name!r}: vLLM refused the engine configuration: {e}") from None
+
+
 def build_engine(b: BackendConfig, replica: int = 0, seed: int | None = None):
     """(EngineCore, front end) for replica ``replica`` of emulated backend ``b``, in this process.
 
@@ -293,24 +315,13 @@ def build_engine(b: BackendConfig, replica: int = 0, seed: int | None = None):
         SimulationError: a real backend, or vLLM refuses the engine arguments (its message).
         FileNotFoundError: the profile cannot be found.
     """
-    argv, env = backend_engine_args(b)
+    _, env = backend_engine_args(b)
     env["EMUGATE_SEED"] = str((b.seed if seed is None else seed) + replica)
     with _environ(env):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.core import EngineCore
 
         from emu_executor.virtual import VirtualTimeExecutor
-        parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit:
-            raise SimulationError(f"backend {b.name!r}: vLLM refused its arguments {argv}") from None
-        try:
-            cfg = AsyncEngineArgs.from_cli_args(args).create_engine_config()
-        except Exception as e:  # vLLM's validation errors (pydantic, ValueError)
-            raise SimulationError(f"backend {b.name!r}: vLLM refused the engine configuration: {e}") from None
+        cfg = engine_config(b)
         try:
             core = EngineCore(cfg, executor_class=VirtualTimeExecutor, log_stats=False)
         except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. the KV pool cannot hold max_model_len
@@ -503,13 +514,8 @@ def _render_init(backend_json: str, env: dict[str, str]) -> None:
     os.environ.update(env)
     quiet_vllm()
     b = BackendConfig.model_validate_json(backend_json)
-    argv, emu = backend_engine_args(b)
-    with _environ(emu):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-        args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(argv)
-        _WORKER_FRONT = _Frontend(AsyncEngineArgs.from_cli_args(args).create_engine_config())
+    with _environ(backend_engine_args(b)[1]):
+        _WORKER_FRONT = _Frontend(engine_config(b))
 
 
 def _render_chunk(bodies: list[dict]) -> list:
@@ -683,6 +689,8 @@ class Fleet:
         if (len(models) == 1 and not self.cache_renders and n >= RENDER_AHEAD_MIN
                 and (os.cpu_count() or 1) >= 2 and self.render_ahead):
             ahead = _RenderAhead(self.backends[models[0]], workload, models[0])
+        # the body is needed here to render it in-process, or for the affinity policies' key
+        need_body = ahead is None or self.policy in ("prefix_affinity", "session_affinity")
         try:
             for k, a in enumerate(workload.arrivals):
                 model = models[0] if len(models) == 1 else pick_rng.choices(models, weights)[0]
@@ -690,8 +698,7 @@ class Fleet:
                 for r in reps:
                     r.advance(a.at)
                     r.release(a.at)
-                body = workload.body(a, model) if ahead is None or self.policy in ("prefix_affinity",
-                                                                                   "session_affinity") else None
+                body = workload.body(a, model) if need_body else None
                 try:
                     rendered = ahead.next() if ahead is not None else self._render(reps[0], workload, a.index, body)
                 except ValueError as e:
