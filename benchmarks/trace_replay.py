@@ -3,7 +3,8 @@
     python benchmarks/trace_replay.py --trace ../shared/traces/mooncake/conversation_trace.jsonl \\
         --duration 1200 --time-scale 0.5
 
-1. The gateway (one emulated H100 Llama-3.1-8B, ``record_trace`` on) serves the trace's first
+1. The gateway (``--replicas`` emulated H100 Llama-3.1-8B servers behind ``--routing``; one by
+   default; ``record_trace`` on) serves the trace's first
    ``--duration`` seconds, time-scaled by ``--time-scale``, sent by the Locust driver
    (``--trace``): TTFT, TPOT, ITL, E2EL p50/p99, throughput, the backend's prefix-cache hit rate
    against the trace's ideal one, requests clipped to ``max_model_len``.
@@ -32,17 +33,19 @@ from profiles.assets import resolve_model_dir
 MODEL = "llama-3.1-8b"
 
 
-def gateway(out: Path, port: int, record: Path | None) -> ServerProcess:
+def gateway(out: Path, port: int, record: Path | None, replicas: int, routing: str) -> ServerProcess:
     cfg = out / ("record.toml" if record else "replay.toml")
     cfg.write_text(f"""[gateway]
 port = {port}
 request_timeout_s = 3600
 idle_timeout_s = 1800
+routing = "{routing}"
 {f'record_trace = "{record}"' if record else ''}
 [[backends]]
 name = "h100"
 model = "{MODEL}"
 profile = "h100-sxm_llama-3.1-8b"
+replicas = {replicas}
 """)
     p = ServerProcess(cfg.stem, [sys.executable, "-m", "gateway", "--config", str(cfg)],
                       {**os.environ, "PYTHONUNBUFFERED": "1"}, log=open(os.devnull, "w"),
@@ -75,6 +78,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=1200.0, help="seconds of the trace (from its start)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="0.5 = twice as fast")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replicas", type=int, default=1, help="emulated H100 servers behind the gateway")
+    ap.add_argument("--routing", default="prefix_affinity",
+                    choices=["least_outstanding", "kv_aware", "prefix_affinity", "session_affinity"])
     ap.add_argument("--skip-simulate", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "runs" / "trace-replay"))
     args = ap.parse_args()
@@ -86,13 +92,13 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
 
     t0 = time.monotonic()
-    gw = gateway(out, port, recorded)
+    gw = gateway(out, port, recorded, args.replicas, args.routing)
     try:
         first = locust(url, out / "original.json", Path(args.trace), None, args.time_scale, args.duration, args.seed)
     finally:
         gw.stop(grace_s=30)
     print(f"original run: {time.monotonic() - t0:.0f} s wall", flush=True)
-    gw = gateway(out, port, None)
+    gw = gateway(out, port, None, args.replicas, args.routing)
     try:
         second = locust(url, out / "replayed.json", recorded, "emugate", 1.0, None, args.seed)
     finally:
@@ -104,6 +110,7 @@ def main() -> None:
         p = subprocess.run([sys.executable, "-m", "emugate.cli", "simulate", "--profile", "h100-sxm_llama-3.1-8b",
                             "--model", MODEL, "--trace", args.trace, "--trace-duration", str(args.duration),
                             "--time-scale", str(args.time_scale), "--seed", str(args.seed), "--quiet",
+                            "--replicas", str(args.replicas), "--routing", args.routing,
                             "--no-detailed", "--result-json", str(sim_out)], capture_output=True, text=True)
         if p.returncode == 0:
             sim = json.loads(sim_out.read_text())
@@ -125,7 +132,8 @@ def main() -> None:
              ("trace's ideal hit rate", lambda d: "-" if d.get("trace_ideal_hit_rate") is None
               else f"{d['trace_ideal_hit_rate']:.1%}"),
              ("requests over max_model_len (clipped)", lambda d: str(d.get("over_max_model_len", "-")))]
-    lines = [f"# Trace replay: {args.trace}, first {args.duration:g} s, time scale {args.time_scale:g}", "",
+    lines = [f"# Trace replay: {args.trace}, first {args.duration:g} s, time scale {args.time_scale:g}, "
+             f"{args.replicas} x emulated H100 Llama-3.1-8B, routing {args.routing}", "",
              "| | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for label, fn in rows:
         lines.append(f"| {label} | " + " | ".join(fn(d) for _, d in cols) + " |")

@@ -10,7 +10,9 @@ Formats (:func:`read_trace`; chosen by ``fmt`` or from the file):
   ``ContextTokens``, ``GeneratedTokens``; no prefix information.
 * **emugate's recorded JSONL** (``[gateway] record_trace``, :mod:`gateway.recorder`): a header line
   ``{"format": "emugate-trace", "version": 1, "block_size": N, ...}``, then per request the Mooncake
-  keys plus ``model``, ``endpoint``, ``stream``, ``max_tokens``, ``status``.
+  keys plus ``model``, ``endpoint``, ``stream``, ``max_tokens``, ``status``. The gateway writes a
+  request when its response ends, so its lines are in completion order; the reader sorts them by
+  arrival (stable). Mooncake and Azure files must already be sorted.
 
 Prompts (:class:`PromptBuilder`): each hash id stands for one block of ``block_size`` token ids drawn
 (seeded) from ordinary words of the served model's vocabulary, its first two tokens encoding the id
@@ -122,7 +124,7 @@ def read_trace(path: str | Path, fmt: str | None = None) -> Trace:
 
 
 def _read_jsonl(p: Path, text: str) -> Trace:
-    block, reqs, last = MOONCAKE_BLOCK, [], -math.inf
+    block, reqs, last, recorded = MOONCAKE_BLOCK, [], -math.inf, False
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -133,7 +135,7 @@ def _read_jsonl(p: Path, text: str) -> Trace:
         if not isinstance(d, dict):
             raise _fail(p, n, "not a JSON object; each line must be one request")
         if d.get("format") == "emugate-trace":
-            block = int(d.get("block_size", block))
+            block, recorded = int(d.get("block_size", block)), True
             continue
         missing = [k for k in ("timestamp", "input_length", "output_length") if k not in d]
         if missing:
@@ -146,11 +148,13 @@ def _read_jsonl(p: Path, text: str) -> Trace:
             raise _fail(p, n, "timestamp, input_length, output_length and hash_ids must be numbers") from None
         if il < 1 or ol < 0 or ts < 0:
             raise _fail(p, n, "input_length must be >= 1, output_length and timestamp >= 0")
-        if ts < last:
+        if ts < last and not recorded:
             raise _fail(p, n, f"timestamps go backwards ({ts * 1000:g} ms after {last * 1000:g} ms): sort the trace "
                               "by timestamp")
         last = ts
         reqs.append(TraceRequest(ts, il, ol, hids, d.get("model"), d.get("endpoint")))
+    if recorded:  # written in completion order (module docstring)
+        reqs.sort(key=lambda r: r.timestamp_s)
     return Trace(reqs, block, str(p))
 
 

@@ -67,6 +67,18 @@ def test_azure_csv_and_emugate_recordings_read(tmp_path):
     assert t.block_size == 64 and t.requests[0].model == "m" and t.requests[0].hash_ids == (0, 1)
 
 
+def test_recorded_trace_in_completion_order_is_read_by_arrival(tmp_path):
+    # the gateway writes a request when it ends: a long request that arrived first comes last
+    lines = [{"timestamp": 900, "input_length": 10, "output_length": 2}, {"timestamp": 100, "input_length": 20,
+             "output_length": 2}, {"timestamp": 500, "input_length": 30, "output_length": 2}]
+    p = _write(tmp_path, "rec.jsonl", [json.dumps({"format": "emugate-trace", "version": 1, "block_size": 64})]
+               + [json.dumps(d) for d in lines])
+    assert [r.input_length for r in read_trace(p).requests] == [20, 30, 10]
+    # a Mooncake file out of order is still an error
+    with pytest.raises(TraceError, match=":2: timestamps go backwards"):
+        read_trace(_write(tmp_path, "mc.jsonl", [json.dumps(d) for d in lines]))
+
+
 def test_requests_sharing_k_hash_ids_share_exactly_k_blocks_of_tokens():
     b = PromptBuilder(POOL, block_size=512, seed=7)
     a = TraceRequest(0, 2000, 5, (10, 11, 12, 13))
