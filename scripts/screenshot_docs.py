@@ -92,7 +92,7 @@ def main() -> None:
             except OSError:
                 if time.monotonic() > deadline or chrome.poll() is not None:
                     raise SystemExit("Chromium did not open its DevTools port in 30 s (try it by hand with "
-                                     "--headless=new --no-sandbox about:blank)")
+                                     "--headless=new --no-sandbox about:blank)") from None
                 time.sleep(0.2)
         asyncio.run(_shoot(dt_port, f"http://127.0.0.1:{web_port}/", a.pages, out, a.wait))
     finally:
