@@ -216,6 +216,20 @@ def test_queue_limit_and_per_key_limit_answer_429_before_the_body_is_read(gw, up
         "authorization": f"Bearer {K1}"}).status_code == 200, 10, what="admission after the clients left")
 
 
+def test_invalid_utf8_body_is_a_400_that_never_reaches_the_replica(gw, up):
+    """Invalid UTF-8 in a field the router does not parse (the prompt) is refused at the gateway
+    with OpenAI's error JSON; the replica never sees it."""
+    _, port, _ = gw
+    n0 = len(up.requests)
+    status, body = _raw(port, b"/v1/completions", body=b'{"model": "scripted", "prompt": "caf\xe9 \xff"}')
+    err = json.loads(body)["error"]
+    assert status == 400 and err["type"] == "BadRequestError" and "UTF-8" in err["message"], (status, body)
+    assert _upstream_paths(up, n0) == []
+    # the same body, valid UTF-8, is forwarded
+    status, _ = _raw(port, b"/v1/completions", body='{"model": "scripted", "prompt": "café"}'.encode())
+    assert status == 200 and _upstream_paths(up, n0) == ["/v1/completions"]
+
+
 # ---------------------------------------------------------------- secrets
 def test_keys_are_secrets_in_config_errors_and_repr():
     with pytest.raises(ConfigError) as e:

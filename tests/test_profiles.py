@@ -130,6 +130,16 @@ def test_request_table_due_tokens_follow_vllm_rules():
     f = step_features(t.update(so3))
     assert f.step_class == DECODE and f.decode_reqs == 1 and f.context_tokens == 100
     assert step_features(r2).step_class == PREFILL and step_features(r2).prefill_tokens == 40
+    # a new request whose whole prompt fits its first step samples its first token in that step
+    whole = NS(req_id="b", prompt_len=30, num_computed_tokens=0)
+    so4 = NS(finished_req_ids=set(), scheduled_new_reqs=[whole], num_scheduled_tokens={"b": 30},
+             scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], num_output_tokens=[], all_token_ids={}))
+    assert t.update(so4)[0].due
+    # ...and a prefix-cache hit counts: 24 cached + 6 scheduled = the whole prompt
+    hit = NS(req_id="c", prompt_len=30, num_computed_tokens=24)
+    so5 = NS(finished_req_ids=set(), scheduled_new_reqs=[hit], num_scheduled_tokens={"c": 6},
+             scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], num_output_tokens=[], all_token_ids={}))
+    assert t.update(so5)[0].due
 
 
 @pytest.mark.e2e  # builds vLLM's own SamplingParams, in-process
