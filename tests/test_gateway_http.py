@@ -287,6 +287,26 @@ def test_a_slow_stream_does_not_hold_up_a_fast_request(gw):
 
 
 # ---------------------------------------------------------------- aborts, deadlines, backpressure
+def test_a_stream_left_mid_response_never_hands_its_connection_to_the_next_request(gw, up):
+    """A client leaves a stream after its first event: that upstream connection still carries the
+    rest of the response, so it must be closed, never pooled (the next request would read the old
+    response's bytes: one client's data reaching another)."""
+    _, port, _ = gw
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(_request_bytes({"model": MODEL, "prompt": "left"}, script="slow"))
+    got = b""
+    while b"data:" not in got:
+        got += s.recv(65536)
+    slow_conn = next(r["conn"] for r in reversed(up.requests) if r["headers"].get("x-script") == "slow")
+    s.close()
+    time.sleep(0.3)  # the gateway sees the client gone and releases the upstream connection
+    for i in range(4):
+        r = _raw(port, _request_bytes({"model": MODEL, "prompt": f"next-{i}"}))
+        assert r["status"] == 200, r
+        doc = json.loads(r["body"])
+        assert json.loads(doc["echo"])["prompt"] == f"next-{i}" and doc["conn"] != slow_conn, doc
+
+
 def test_client_disconnect_before_the_response_aborts_upstream(gw, up):
     _, port, _ = gw
     n0 = len(up.closed_by_peer)
