@@ -298,6 +298,7 @@ def test_a_stream_left_mid_response_never_hands_its_connection_to_the_next_reque
     while b"data:" not in got:
         got += s.recv(65536)
     slow_conn = next(r["conn"] for r in reversed(up.requests) if r["headers"].get("x-script") == "slow")
+    n0 = len(up.requests)
     s.close()
     time.sleep(0.3)  # the gateway sees the client gone and releases the upstream connection
     for i in range(4):
@@ -305,6 +306,9 @@ def test_a_stream_left_mid_response_never_hands_its_connection_to_the_next_reque
         assert r["status"] == 200, r
         doc = json.loads(r["body"])
         assert json.loads(doc["echo"])["prompt"] == f"next-{i}" and doc["conn"] != slow_conn, doc
+    time.sleep(1.2)  # the slow script's last event is out: a request written on that connection is read now
+    # no request was ever written on the left stream's connection (a retry elsewhere would hide it above)
+    assert [r["conn"] for r in up.requests[n0:] if r["conn"] == slow_conn] == []
 
 
 def test_client_disconnect_before_the_response_aborts_upstream(gw, up):
