@@ -60,24 +60,37 @@ logger = logging.getLogger("vllm.emugate.executor")
 def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
     """Per-layer KV-cache spec for the model, as vLLM's GPU runner would report it.
 
-    Returns {layer name: FullAttentionSpec | SlidingWindowSpec}. Layer kinds
-    come from ``hf_config.layer_types`` ("sliding_attention" /
-    "full_attention") when present, else all layers are sliding when
-    ``hf_config.sliding_window`` is set, else full attention.
+    Returns {layer name: KVCacheSpec}. Two paths:
+
+    * plain attention models (the common case; any TP): built from the config. Layer kinds come
+      from ``hf_config.layer_types`` ("sliding_attention" / "full_attention") when present, else
+      all layers are sliding when ``hf_config.sliding_window`` is set, else full attention
+      (``FullAttentionSpec`` / ``SlidingWindowSpec`` with the per-rank KV heads);
+    * MLA models (DeepSeek-V2/V3/R1, Kimi-K2...): vLLM's own layers are asked, as
+      ``GPUModelRunner.get_kv_cache_spec`` (vllm/v1/worker/gpu_model_runner.py) does, after
+      building the model on the meta device (:func:`specs_from_vllm_layers`). MLA's latent cache
+      is not sharded by TP (one KV head, ``max_tp_shards=1``), so the TP1 spec is every rank's.
 
     Raises:
-        NotImplementedError: attention-free / Mamba / MLA models (their state
-            specs are not emulated yet).
+        NotImplementedError: Mamba / linear-attention hybrids and attention-free models (their
+            state specs and the hybrid allocator's capacity are not emulated yet); the message
+            names the architecture and what is missing.
     """
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
-    if mc.use_mla or getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+    arch = ", ".join(getattr(mc.hf_config, "architectures", None) or [type(mc.hf_config).__name__])
+    if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+        kind = "an attention-free model" if getattr(mc, "is_attention_free", False) else \
+            "a hybrid attention + Mamba/linear-attention model"
         raise NotImplementedError(
-            f"emulate mode supports attention KV caches only; {mc.model} uses MLA, Mamba or no attention"
-        )
+            f"emulate mode cannot serve {mc.model} ({arch}): it is {kind}, and emulate mode does not "
+            "build its recurrent-state KV specs (MambaSpec) or size the hybrid KV pool yet. Serve it with "
+            "mode = \"real\", or emulate an attention-only model of similar size.")
+    if mc.use_mla:
+        return specs_from_vllm_layers(vllm_config)
     hf = mc.hf_text_config
     n_layers = mc.get_num_layers(pc)
     kv_heads = mc.get_num_kv_heads(pc)
@@ -100,9 +113,80 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
     return specs
 
 
-def kv_bytes_per_token(specs: dict[str, Any]) -> float:
-    """KV bytes one token occupies across all layers (page_size_bytes / block_size summed)."""
-    return sum(s.page_size_bytes / s.block_size for s in specs.values())
+def specs_from_vllm_layers(vllm_config) -> dict[str, Any]:
+    """The KV-cache specs vLLM's own layers report, with the model built on the meta device.
+
+    The model class vLLM would load (``get_model_architecture``) is instantiated under
+    ``torch.device("meta")`` (no weights, no memory) inside a one-rank gloo world at TP1 (set up
+    here when this process has none, and torn down after); every ``AttentionLayerBase`` it
+    registered is asked ``get_kv_cache_spec`` as ``GPUModelRunner.get_kv_cache_spec`` does (layers
+    that share another layer's KV are skipped). The static forward context is restored afterwards,
+    so nothing of the built model outlives the call. Takes ~1 s.
+
+    Returns:
+        {layer name: KVCacheSpec}, TP1 shapes.
+
+    Raises:
+        RuntimeError: vLLM cannot build the architecture on this host (the message says which).
+    """
+    import copy
+
+    from vllm.config import get_layers_from_vllm_config, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+
+    cfg = vllm_config
+    if cfg.parallel_config.tensor_parallel_size != 1 or cfg.parallel_config.pipeline_parallel_size != 1:
+        cfg = copy.deepcopy(vllm_config)
+        cfg.parallel_config.tensor_parallel_size = cfg.parallel_config.pipeline_parallel_size = 1
+        cfg.parallel_config.world_size = 1
+    ctx = cfg.compilation_config.static_forward_context
+    before = dict(ctx)
+    own_world = not torch.distributed.is_initialized()
+    try:
+        with set_current_vllm_config(cfg):
+            if own_world:
+                import socket
+                with socket.socket() as sk:
+                    sk.bind(("127.0.0.1", 0))
+                    port = sk.getsockname()[1]
+                ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                                distributed_init_method=f"tcp://127.0.0.1:{port}")
+                ps.initialize_model_parallel(1, 1)
+            cls, _ = get_model_architecture(cfg.model_config)
+            with torch.device("meta"):
+                cls(vllm_config=cfg, prefix="")
+            specs: dict[str, Any] = {}
+            for name, layer in get_layers_from_vllm_config(cfg, AttentionLayerBase).items():
+                if getattr(layer, "kv_sharing_target_layer_name", None):
+                    continue
+                if spec := layer.get_kv_cache_spec(cfg):
+                    specs[name] = spec
+    except Exception as e:
+        raise RuntimeError(f"emulate mode could not build {cfg.model_config.model}'s layers on the meta device "
+                           f"to read their KV-cache specs: {e.__class__.__name__}: {e}") from e
+    finally:
+        ctx.clear()
+        ctx.update(before)
+        if own_world:
+            ps.destroy_model_parallel()
+            ps.destroy_distributed_environment()
+    return specs
+
+
+def pool_bytes_per_block(vllm_config, specs: dict[str, Any]) -> int:
+    """Bytes one block of vLLM's shared KV pool takes for these layer specs.
+
+    The divisor vLLM itself uses to turn available memory into ``num_gpu_blocks``
+    (``get_kv_cache_groups`` then ``_pool_bytes_per_block`` in vllm/v1/core/kv_cache_utils.py):
+    the sum of page sizes for a uniform model, the largest group's for a hybrid-allocator model
+    (e.g. sliding + full attention in separate groups), so that the emulated pool holds exactly
+    the profile's blocks either way.
+    """
+    from vllm.v1.core import kv_cache_utils as u
+    groups = u.get_kv_cache_groups(vllm_config, dict(specs))  # it may unify the dict in place: a copy
+    return int(u._pool_bytes_per_block(vllm_config, groups))
 
 
 class _Step:
@@ -273,10 +357,9 @@ class EmulatedExecutor(Executor):
             tokens = int(os.environ.get("EMUGATE_KV_TOKENS", 1 << 20))
         block = self.cache_config.block_size
         n_blocks = max(1, tokens // block)
-        page_all_layers = sum(s.page_size_bytes for s in self.kv_specs.values())
         logger.info("emugate: KV pool sized to %d blocks of %d tokens (profile: %s x %s)",
                     n_blocks, block, blocks, bsize)
-        return n_blocks * page_all_layers
+        return n_blocks * pool_bytes_per_block(self.vllm_config, self.kv_specs)
 
     def _rpc_initialize_from_config(self, kv_cache_configs) -> None:
         return None

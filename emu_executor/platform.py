@@ -13,6 +13,8 @@ recorded, unless the user set it on the command line:
 * ``block_size``          -> fingerprint (default 16) unless ``--block-size``
 * ``max_num_batched_tokens`` / ``max_num_seqs`` -> fingerprint when they are
   still the CPU defaults (default 8192 / 1024, vLLM's H100/H200 serve defaults)
+* MLA models: chunked prefill and prefix caching stay as configured (the CPU
+  platform turns them off for its CPU_MLA kernels; a GPU does not)
 
 It logs every value it sets. Without the environment variables the plugin
 returns None and vLLM behaves exactly as installed.
@@ -70,10 +72,19 @@ def _make_platform():
             sc, cc, pc = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
             user_block = cc.user_specified_block_size
             user_block_size = cc.block_size
+            # the CPU platform turns chunked prefill and prefix caching off for MLA models (CPU_MLA
+            # lacks them, vllm/platforms/cpu.py); the GPU keeps them, so the emulated engine does
+            chunked, caching, mnbt = sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens
             super().check_and_update_config(vllm_config)
+            mc = vllm_config.model_config
+            restored_mla = mc is not None and mc.use_mla and (
+                sc.enable_chunked_prefill, cc.enable_prefix_caching) != (chunked, caching)
+            if restored_mla:
+                sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens = chunked, caching, mnbt
             fp = {**GPU_DEFAULTS, **{k: v for k, v in _fingerprint().items() if k in GPU_DEFAULTS}}
             tp = pc.tensor_parallel_size * pc.pipeline_parallel_size
-            set_ = []
+            set_ = [f"enable_chunked_prefill={chunked}, enable_prefix_caching={caching} (MLA, as on a GPU)"] \
+                if restored_mla else []
             sc.async_scheduling = bool(fp["async_scheduling"])
             set_.append(f"async_scheduling={sc.async_scheduling}")
             if user_block:

@@ -1,0 +1,161 @@
+"""Model families in emulate mode: the KV-cache specs the emulated executor reports against the
+ones vLLM's own layers report for the same config, the KV pool's size in blocks, and an MLA model
+served end to end.
+
+The configs are tiny (2-4 layers, hidden 256) versions of the real architectures' config.json, with
+the bundled Llama-3 tokenizer; vLLM builds them on the meta device (no weights), so the comparison
+is with vLLM's own code path for that architecture on this host.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from conftest import vllm_server
+from profiles.assets import resolve_model_dir
+
+pytestmark = pytest.mark.e2e  # builds vLLM configs and models in-process, and starts a vLLM server
+
+_BASE = {"vocab_size": 128256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+         "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False, "hidden_act": "silu"}
+#: Tiny configs with each architecture's real keys (the shapes of the released config.json files, scaled down).
+CONFIGS = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "rope_theta": 500000},
+    "qwen3-moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 256,
+                  "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 3,
+                  "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_experts": 8,
+                  "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [], "rope_theta": 1e6,
+                  "norm_topk_prob": True},
+    "gpt-oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 256,
+                "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "experts_per_token": 2,
+                "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 2,
+                "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                       "beta_slow": 1.0, "truncate": False,
+                                                       "original_max_position_embeddings": 4096},
+                "swiglu_limit": 7.0, "attention_bias": True},
+    "deepseek-v3": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 256,
+                    "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 3,
+                    "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+                    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1,
+                    "topk_group": 1, "kv_lora_rank": 64, "q_lora_rank": 96, "qk_nope_head_dim": 32,
+                    "qk_rope_head_dim": 16, "v_head_dim": 32, "rope_theta": 10000, "moe_layer_freq": 1,
+                    "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                    "norm_topk_prob": True},
+    "qwen3-next": {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 256,
+                   "intermediate_size": 512, "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128,
+                   "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                   "num_experts": 8, "num_experts_per_tok": 2, "full_attention_interval": 4,
+                   "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 32,
+                   "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "rope_theta": 10000,
+                   "partial_rotary_factor": 0.25, "decoder_sparse_step": 1, "mlp_only_layers": []},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    tok = resolve_model_dir("llama-3.1-8b")
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name, cfg in CONFIGS.items():
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**_BASE, **cfg}, indent=1))
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+            shutil.copy(tok / f, d / f)
+        out[name] = d
+    return out
+
+
+def _config(model_dir, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+    return EngineArgs(model=str(model_dir), load_format="dummy", max_model_len=2048, **kw).create_engine_config()
+
+
+def _key(s) -> tuple:
+    return (type(s).__name__, s.block_size, getattr(s, "num_kv_heads", None), getattr(s, "head_size", None),
+            str(getattr(s, "dtype", None)), getattr(s, "sliding_window", None), s.page_size_bytes)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "gpt-oss"])
+def test_config_built_specs_equal_vllms_own_layers(model_dirs, family):
+    """Plain-attention families (dense, MoE, sliding window with sinks): the specs built from the
+    config equal what vLLM's own layers report, layer by layer (kind, block, heads, dtype, window, page)."""
+    from emu_executor.executor import build_kv_cache_spec, specs_from_vllm_layers
+    cfg = _config(model_dirs[family])
+    ours, vllms = build_kv_cache_spec(cfg), specs_from_vllm_layers(cfg)
+    assert len(ours) == len(vllms) == CONFIGS[family]["num_hidden_layers"]
+    assert [_key(s) for s in ours.values()] == [_key(s) for s in vllms.values()]
+    if family == "gpt-oss":
+        assert [type(s).__name__ for s in ours.values()] == ["SlidingWindowSpec", "FullAttentionSpec"] * 2
+
+
+def test_mla_specs_are_vllms_latent_cache(model_dirs):
+    """MLA (DeepSeek-V3): one latent 'head' of kv_lora_rank + qk_rope_head_dim per token, as vLLM's
+    MLAAttention layer reports it; the same at TP2 (the latent is not sharded)."""
+    from emu_executor.executor import build_kv_cache_spec
+    c = CONFIGS["deepseek-v3"]
+    cfg = _config(model_dirs["deepseek-v3"])
+    specs = build_kv_cache_spec(cfg)
+    assert len(specs) == c["num_hidden_layers"]
+    head = c["kv_lora_rank"] + c["qk_rope_head_dim"]
+    for s in specs.values():
+        assert type(s).__name__ == "MLAAttentionSpec" and s.num_kv_heads == 1 and s.head_size == head
+        assert s.page_size_bytes == cfg.cache_config.block_size * head * 2  # bf16, no separate V
+
+
+def test_kv_pool_holds_exactly_the_profiles_blocks_for_uniform_and_hybrid_groups(model_dirs):
+    """vLLM's own allocator (get_kv_cache_configs) turns the bytes the emulated executor reports into
+    exactly the blocks asked for: for a uniform model and for gpt-oss, whose sliding and full layers
+    are separate groups in the hybrid allocator (one block there costs the largest group's pages)."""
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+
+    from emu_executor.executor import EmulatedExecutor, build_kv_cache_spec, pool_bytes_per_block
+    layouts = [EmulatedExecutor._rpc_get_supported_kv_cache_layouts(None)]  # one worker's list
+    for family in ("llama", "gpt-oss", "deepseek-v3"):
+        cfg = _config(model_dirs[family])
+        specs = build_kv_cache_spec(cfg)
+        resolve_kv_cache_layout(cfg, layouts, list(specs.values()))  # as EngineCore does before sizing
+        per_block = pool_bytes_per_block(cfg, specs)
+        total_page = sum(s.page_size_bytes for s in specs.values())
+        if family == "gpt-oss":
+            assert per_block == total_page // 2, (per_block, total_page)
+        else:
+            assert per_block == total_page
+        kvc = get_kv_cache_configs(cfg, [specs], [777 * per_block])[0]
+        assert kvc.num_blocks == 777, (family, kvc.num_blocks)
+
+
+def test_hybrid_models_are_refused_with_their_name_and_what_is_missing(model_dirs):
+    from emu_executor.executor import build_kv_cache_spec
+    with pytest.raises(NotImplementedError, match=r"Qwen3NextForCausalLM.*hybrid.*MambaSpec.*mode = \"real\""):
+        build_kv_cache_spec(_config(model_dirs["qwen3-next"]))
+
+
+def test_an_mla_model_is_served_with_chunked_prefill_and_prefix_caching_as_on_a_gpu(model_dirs):
+    """A DeepSeek-V3-shaped model in emulate mode: vLLM's CPU platform would switch chunked prefill
+    and prefix caching off for MLA; the emulated engine keeps them (a GPU does), serves chat and
+    streams, and its KV pool is the 65 blocks asked for."""
+    d = model_dirs["deepseek-v3"]
+    args = ["--max-model-len", "1024", "--num-gpu-blocks-override", "65", "--enable-prefix-caching"]
+    with vllm_server("emulated-mla", args, profile=None, step_ms=2.0, model=str(d)) as (url, _, log):
+        r = httpx.post(url + "/v1/chat/completions", json={"model": str(d), "max_tokens": 8, "ignore_eos": True,
+                                                           "messages": [{"role": "user", "content": "hi"}]},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
+        with httpx.stream("POST", url + "/v1/completions", json={
+                "model": str(d), "prompt": "x " * 300, "max_tokens": 5, "ignore_eos": True, "stream": True},
+                timeout=60) as s:
+            events = [ln for ln in s.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        assert len(events) >= 5
+        metrics = httpx.get(url + "/metrics").text
+        info = next(ln for ln in metrics.splitlines() if ln.startswith("vllm:cache_config_info"))
+        assert 'num_gpu_blocks="65"' in info and 'enable_prefix_caching="True"' in info, info
+        text = log.read_text()
+        assert "enable_chunked_prefill=True, enable_prefix_caching=True (MLA, as on a GPU)" in text
