@@ -70,6 +70,7 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
       ``GPUModelRunner.get_kv_cache_spec`` (vllm/v1/worker/gpu_model_runner.py) does, after
       building the model on the meta device (:func:`specs_from_vllm_layers`). MLA's latent cache
       is not sharded by TP (one KV head, ``max_tp_shards=1``), so the TP1 spec is every rank's.
+      Pooling models at TP1 take this path too (encoder-only attention has no KV cache).
 
     Raises:
         NotImplementedError: Mamba / linear-attention hybrids and attention-free models (their
@@ -89,7 +90,8 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
             f"emulate mode cannot serve {mc.model} ({arch}): it is {kind}, and emulate mode does not "
             "build its recurrent-state KV specs (MambaSpec) or size the hybrid KV pool yet. Serve it with "
             "mode = \"real\", or emulate an attention-only model of similar size.")
-    if mc.use_mla:
+    if mc.use_mla or (mc.runner_type == "pooling" and pc.tensor_parallel_size == 1):
+        # pooling models: encoder-only attention (BERT-like) keeps no KV cache, which only the layers know
         return specs_from_vllm_layers(vllm_config)
     hf = mc.hf_text_config
     n_layers = mc.get_num_layers(pc)
@@ -113,27 +115,22 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
     return specs
 
 
-def specs_from_vllm_layers(vllm_config) -> dict[str, Any]:
-    """The KV-cache specs vLLM's own layers report, with the model built on the meta device.
+def on_meta_model(vllm_config, fn: Callable[[Any, Any], Any]) -> Any:
+    """Build the model vLLM would load on the meta device and return ``fn(model, config)``.
 
-    The model class vLLM would load (``get_model_architecture``) is instantiated under
-    ``torch.device("meta")`` (no weights, no memory) inside a one-rank gloo world at TP1 (set up
-    here when this process has none, and torn down after); every ``AttentionLayerBase`` it
-    registered is asked ``get_kv_cache_spec`` as ``GPUModelRunner.get_kv_cache_spec`` does (layers
-    that share another layer's KV are skipped). The static forward context is restored afterwards,
-    so nothing of the built model outlives the call. Takes ~1 s.
-
-    Returns:
-        {layer name: KVCacheSpec}, TP1 shapes.
+    The model class vLLM would load (``get_model_architecture``, pooling adapters included) is
+    instantiated under ``torch.device("meta")`` (no weights, no memory) inside a one-rank gloo world
+    at TP1 (set up here when this process has none, and torn down after), with a TP1 copy of the
+    config when ``vllm_config`` has TP or PP > 1. The static forward context (where the layers
+    register) is restored afterwards, so nothing of the built model outlives the call. ~1 s.
 
     Raises:
         RuntimeError: vLLM cannot build the architecture on this host (the message says which).
     """
     import copy
 
-    from vllm.config import get_layers_from_vllm_config, set_current_vllm_config
+    from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as ps
-    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
     from vllm.model_executor.model_loader.utils import get_model_architecture
 
     cfg = vllm_config
@@ -156,23 +153,68 @@ def specs_from_vllm_layers(vllm_config) -> dict[str, Any]:
                 ps.initialize_model_parallel(1, 1)
             cls, _ = get_model_architecture(cfg.model_config)
             with torch.device("meta"):
-                cls(vllm_config=cfg, prefix="")
-            specs: dict[str, Any] = {}
-            for name, layer in get_layers_from_vllm_config(cfg, AttentionLayerBase).items():
-                if getattr(layer, "kv_sharing_target_layer_name", None):
-                    continue
-                if spec := layer.get_kv_cache_spec(cfg):
-                    specs[name] = spec
+                model = cls(vllm_config=cfg, prefix="")
+            return fn(model, cfg)
     except Exception as e:
-        raise RuntimeError(f"emulate mode could not build {cfg.model_config.model}'s layers on the meta device "
-                           f"to read their KV-cache specs: {e.__class__.__name__}: {e}") from e
+        raise RuntimeError(f"emulate mode could not build {cfg.model_config.model}'s layers on the meta device: "
+                           f"{e.__class__.__name__}: {e}") from e
     finally:
         ctx.clear()
         ctx.update(before)
         if own_world:
             ps.destroy_model_parallel()
             ps.destroy_distributed_environment()
-    return specs
+
+
+def specs_from_vllm_layers(vllm_config) -> dict[str, Any]:
+    """The KV-cache specs vLLM's own layers report (model built by :func:`on_meta_model`).
+
+    Every ``AttentionLayerBase`` the model registered is asked ``get_kv_cache_spec``, as
+    ``GPUModelRunner.get_kv_cache_spec`` does (vllm/v1/worker/gpu_model_runner.py); layers that share
+    another layer's KV are skipped.
+
+    Returns:
+        {layer name: KVCacheSpec}, TP1 shapes.
+
+    Raises:
+        RuntimeError: as :func:`on_meta_model`.
+    """
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    def collect(_model, cfg) -> dict[str, Any]:
+        specs: dict[str, Any] = {}
+        for name, layer in get_layers_from_vllm_config(cfg, AttentionLayerBase).items():
+            if getattr(layer, "kv_sharing_target_layer_name", None):
+                continue
+            if spec := layer.get_kv_cache_spec(cfg):
+                specs[name] = spec
+        return specs
+    return on_meta_model(vllm_config, collect)
+
+
+def pooling_tasks_from_vllm_model(vllm_config) -> tuple[str, ...]:
+    """The pooling tasks (``embed``, ``classify``, ``score``...) vLLM's own pooler for this model
+    supports (``model.pooler.get_supported_tasks()``, as ``GPUModelRunner.get_supported_pooling_tasks``)."""
+    return tuple(on_meta_model(vllm_config, lambda model, _cfg: list(model.pooler.get_supported_tasks())))
+
+
+def embedding(token_ids, dim: int, seed: int, dimensions: int | None = None, normalize: bool = True) -> torch.Tensor:
+    """A synthetic embedding: deterministic in (token ids, seed), float32, shape (dimensions or dim,).
+
+    Standard normal draws seeded by BLAKE2b(seed, token ids), truncated to ``dimensions`` (matryoshka)
+    and L2-normalized unless ``normalize`` is False, as vLLM's embed pooler does with
+    ``PoolingParams(dimensions, use_activation)``. The same text gives the same vector for the seed.
+    """
+    import hashlib
+    h = hashlib.blake2b(np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=8,
+                        key=int(seed).to_bytes(8, "little", signed=True))
+    v = np.random.default_rng(int.from_bytes(h.digest(), "little")).standard_normal(dim).astype(np.float32)
+    if dimensions:
+        v = v[:dimensions]
+    if normalize:
+        v /= max(float(np.linalg.norm(v)), 1e-12)
+    return torch.from_numpy(v)
 
 
 def pool_bytes_per_block(vllm_config, specs: dict[str, Any]) -> int:
@@ -239,6 +281,12 @@ class EmulatedExecutor(Executor):
         self.token_state: dict[str, TokenState] = {}
         self.pending: deque[_Step] = deque()
         self.kv_specs = build_kv_cache_spec(self.vllm_config)
+        self.pooling_tasks: tuple[str, ...] = ()
+        self.pool_inputs: dict[str, tuple[Any, Any]] = {}  # req id -> (prompt token ids, PoolingParams)
+        if self.model_config.runner_type == "pooling":
+            self.pooling_tasks = pooling_tasks_from_vllm_model(self.vllm_config)
+            logger.info("emugate: pooling model: tasks %s, %d-dim synthetic embeddings",
+                        ", ".join(self.pooling_tasks), self.model_config.get_hidden_size())
         self.tokens = self._make_tokens()
         self._vocab = self.model_config.get_vocab_size()
         self.num_steps = 0
@@ -355,6 +403,8 @@ class EmulatedExecutor(Executor):
             tokens = int(blocks) * int(bsize)
         else:
             tokens = int(os.environ.get("EMUGATE_KV_TOKENS", 1 << 20))
+        if not self.kv_specs:  # nothing to cache (encoder-only pooling models)
+            return 0
         block = self.cache_config.block_size
         n_blocks = max(1, tokens // block)
         logger.info("emugate: KV pool sized to %d blocks of %d tokens (profile: %s x %s)",
@@ -368,7 +418,7 @@ class EmulatedExecutor(Executor):
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
     def _rpc_get_supported_tasks(self):
-        return ("generate",)
+        return self.pooling_tasks if self.model_config.runner_type == "pooling" else ("generate",)
 
     def _rpc_update_max_model_len(self, max_model_len: int) -> None:
         return None
@@ -426,10 +476,13 @@ class EmulatedExecutor(Executor):
         so = scheduler_output
         for rid in so.finished_req_ids:
             self.token_state.pop(rid, None)
+            self.pool_inputs.pop(rid, None)
         reqs = self.requests.update(so)
         for nr in so.scheduled_new_reqs:
             if nr.req_id not in self.token_state and nr.sampling_params is not None:
                 self.token_state[nr.req_id] = self.tokens.new_request(nr.sampling_params, nr.prompt_token_ids)
+            elif getattr(nr, "pooling_params", None) is not None:
+                self.pool_inputs[nr.req_id] = (nr.prompt_token_ids, nr.pooling_params)
         if so.total_num_scheduled_tokens == 0:
             out = EMPTY_MODEL_RUNNER_OUTPUT
         else:
@@ -471,9 +524,12 @@ class EmulatedExecutor(Executor):
         req_ids: list[str] = []
         sampled: list[list[int]] = []
         prompt_logprobs: dict = {}
+        pooled: list[torch.Tensor | None] | None = [] if self.pool_inputs else None
         width = 0
         for r in step.reqs:
             req_ids.append(r.req_id)
+            if pooled is not None:
+                pooled.append(self._pooled(r))
             st = self.token_state.get(r.req_id)
             if st is not None and st.prompt_ids is not None and r.num_computed + r.num_scheduled >= r.prompt_len:
                 prompt_logprobs[r.req_id] = self._prompt_logprobs(st)
@@ -485,7 +541,17 @@ class EmulatedExecutor(Executor):
                 width = max(width, st.num_logprobs + 1)
         logprobs = self._logprobs(req_ids, sampled, width) if width else None
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                 sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs)
+                                 sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs,
+                                 pooler_output=pooled)
+
+    def _pooled(self, r: ScheduledRequest) -> torch.Tensor | None:
+        """A pooling request's output in the step that completes its prompt (:func:`embedding`), else None."""
+        inp = self.pool_inputs.get(r.req_id)
+        if inp is None or not r.due:
+            return None
+        ids, pp = inp
+        return embedding(ids, self.model_config.get_hidden_size(), self.settings.seed,
+                         getattr(pp, "dimensions", None), getattr(pp, "use_activation", None) is not False)
 
     def _prompt_logprobs(self, st) -> LogprobsTensors:
         """The whole prompt's logprobs, once, in the step that completes its prefill (as vLLM's GPU runner)."""

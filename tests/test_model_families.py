@@ -54,6 +54,12 @@ CONFIGS = {
                    "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 32,
                    "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "rope_theta": 10000,
                    "partial_rotary_factor": 0.25, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "qwen3-embedding": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
+                        "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 64, "rope_theta": 1e6},
+    "bert": {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 256, "intermediate_size": 512,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512, "type_vocab_size": 2,
+             "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0},
 }
 
 
@@ -72,9 +78,10 @@ def model_dirs(tmp_path_factory):
     return out
 
 
-def _config(model_dir, **kw):
+def _config(model_dir, max_model_len: int = 512, **kw):
     from vllm.engine.arg_utils import EngineArgs
-    return EngineArgs(model=str(model_dir), load_format="dummy", max_model_len=2048, **kw).create_engine_config()
+    return EngineArgs(model=str(model_dir), load_format="dummy", max_model_len=max_model_len,
+                      **kw).create_engine_config()
 
 
 def _key(s) -> tuple:
@@ -159,3 +166,39 @@ def test_an_mla_model_is_served_with_chunked_prefill_and_prefix_caching_as_on_a_
         assert 'num_gpu_blocks="65"' in info and 'enable_prefix_caching="True"' in info, info
         text = log.read_text()
         assert "enable_chunked_prefill=True, enable_prefix_caching=True (MLA, as on a GPU)" in text
+
+
+def test_encoder_only_pooling_models_keep_no_kv_cache(model_dirs):
+    """BERT-like embedding models: vLLM's encoder-only attention layers report no KV spec; nor do we."""
+    from emu_executor.executor import build_kv_cache_spec
+    assert build_kv_cache_spec(_config(model_dirs["bert"], runner="pooling")) == {}
+    specs = build_kv_cache_spec(_config(model_dirs["qwen3-embedding"], runner="pooling"))
+    assert len(specs) == 2 and all(type(s).__name__ == "FullAttentionSpec" for s in specs.values())
+
+
+@pytest.mark.parametrize("family", ["qwen3-embedding", "bert"])
+def test_embeddings_from_an_emulated_pooling_model(model_dirs, family):
+    """/v1/embeddings from an emulated embedding model (a decoder converted with --runner pooling, and
+    an encoder-only BERT): vectors of the model's hidden size, unit norm, the same for the same text
+    and different for another, base64 the same floats, ``dimensions`` truncates, ``usage`` counts the
+    prompt's tokens."""
+    import base64
+
+    import numpy as np
+    d = model_dirs[family]
+    args = ["--max-model-len", "512", "--runner", "pooling"]
+    with vllm_server(f"emulated-embed-{family}", args, profile=None, step_ms=1.0, model=str(d)) as (url, _, _log):
+        def embed(inp, **kw):
+            r = httpx.post(url + "/v1/embeddings", json={"model": str(d), "input": inp, **kw}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+        a = embed(["the cat sat", "another text", "the cat sat"])
+        vecs = [np.array(x["embedding"]) for x in a["data"]]
+        assert [len(v) for v in vecs] == [CONFIGS[family]["hidden_size"]] * 3
+        assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vecs)
+        assert np.allclose(vecs[0], vecs[2]) and not np.allclose(vecs[0], vecs[1])
+        tok = httpx.post(url + "/tokenize", json={"model": str(d), "prompt": "the cat sat"}, timeout=30).json()
+        single = embed("the cat sat")
+        assert single["usage"]["prompt_tokens"] == tok["count"] and np.allclose(single["data"][0]["embedding"], vecs[0])
+        b64 = embed("the cat sat", encoding_format="base64")["data"][0]["embedding"]
+        assert np.allclose(np.frombuffer(base64.b64decode(b64), dtype=np.float32), vecs[0], atol=1e-6)
