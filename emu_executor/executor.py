@@ -39,12 +39,14 @@ import numpy as np
 import torch
 
 from vllm.v1.executor.abstract import Executor
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
+from vllm.v1.outputs import (EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, LogprobsLists, LogprobsTensors,
+                              ModelRunnerOutput)
 from vllm.v1.worker.worker_base import CompilationTimes
 
 from emu_executor.features import RequestTable, ScheduledRequest, step_features
 from emu_executor.lateness import LatenessStats, stats_path
 from emu_executor.settings import EmuSettings
+from emu_executor.specdecode import SpecEmulation
 from emu_executor.timing import TimedFuture, VirtualDevice, wait_until
 from emu_executor.tokens import SyntheticTokens, TokenState, bitmask_rows
 from profiles.format import Profile
@@ -257,8 +259,6 @@ class EmulatedExecutor(Executor):
     def _init_executor(self) -> None:
         st = EmuSettings.from_env()
         self.settings = st
-        if self.speculative_config is not None:
-            raise NotImplementedError("emulate mode does not emulate speculative decoding yet")
         self.profile: Profile | None = None
         if st.step_ms is not None:
             self.oracle: LatencyOracle = ConstantOracle(st.step_ms * 1000.0)
@@ -281,6 +281,11 @@ class EmulatedExecutor(Executor):
         self.token_state: dict[str, TokenState] = {}
         self.pending: deque[_Step] = deque()
         self.kv_specs = build_kv_cache_spec(self.vllm_config)
+        self.spec: SpecEmulation | None = None
+        self._drafts: DraftTokenIds | None = None
+        if self.speculative_config is not None:
+            self.spec = SpecEmulation.from_vllm(self.vllm_config, seed=st.seed)
+            logger.info("emugate: %s", self.spec.describe())
         self.pooling_tasks: tuple[str, ...] = ()
         self.pool_inputs: dict[str, tuple[Any, Any]] = {}  # req id -> (prompt token ids, PoolingParams)
         if self.model_config.runner_type == "pooling":
@@ -433,7 +438,7 @@ class EmulatedExecutor(Executor):
         return {}
 
     def _rpc_take_draft_token_ids(self):
-        return None
+        return self.take_draft_token_ids()
 
     def _rpc_supports_draft_weight_updates(self) -> bool:
         return False
@@ -457,8 +462,12 @@ class EmulatedExecutor(Executor):
     def supports_async_scheduling(cls) -> bool:
         return True
 
-    def take_draft_token_ids(self):
-        return None
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The drafts proposed in the last step (sync scheduling reads them; async scheduling uses
+        placeholders and never asks): k ordinary-token ids per decoding request, as a drafter would
+        propose. Their values do not matter to emulation (acceptance is drawn, :mod:`specdecode`)."""
+        d, self._drafts = self._drafts, None
+        return d
 
     def shutdown(self) -> None:
         self.lateness.close()
@@ -488,6 +497,9 @@ class EmulatedExecutor(Executor):
         else:
             f = step_features(reqs)
             latency_us = self.oracle.sample_us(f)
+            if self.spec is not None and self.spec.draft_cost:
+                # drafting k tokens for the next step: k draft-model forwards (specdecode module docstring)
+                latency_us *= 1.0 + self.spec.k * self.spec.draft_cost
             gap_us = self.oracle.sample_gap_us(f)
             if self.faults is not None:
                 self.faults.admitted(len(so.scheduled_new_reqs))
@@ -536,10 +548,20 @@ class EmulatedExecutor(Executor):
             if not r.due or st is None:
                 sampled.append([])
                 continue
-            sampled.append([self.tokens.next_token(st, r.num_output_tokens, allowed_rows.get(r.req_id))])
+            toks = [self.tokens.next_token(st, r.num_output_tokens, allowed_rows.get(r.req_id))]
+            if r.num_spec and self.spec is not None:  # accepted drafts, then the bonus token
+                for j in range(1, 1 + self.spec.accepted(r.num_spec)):
+                    if toks[-1] == self.tokens.eos_id:
+                        break
+                    toks.append(self.tokens.next_token(st, r.num_output_tokens + j))
+            sampled.append(toks)
             if st.num_logprobs is not None:
                 width = max(width, st.num_logprobs + 1)
         logprobs = self._logprobs(req_ids, sampled, width) if width else None
+        if self.spec is not None and not self.scheduler_config.async_scheduling:
+            filler = int(self.tokens.pool[0])
+            ids = [rid for rid, toks in zip(req_ids, sampled) if toks and toks[-1] != self.tokens.eos_id]
+            self._drafts = DraftTokenIds(ids, [[filler] * self.spec.k for _ in ids])
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                  sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs,
                                  pooler_output=pooled)

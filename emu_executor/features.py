@@ -35,6 +35,7 @@ class ScheduledRequest:
     prompt_len: int
     due: bool  # this step emits an output token for it
     random: bool = False  # samples with temperature > 0 (vLLM's random path), else greedy
+    num_spec: int = 0  # draft tokens scheduled for verification (speculative decoding), within num_scheduled
 
 
 #: vLLM's ``_SAMPLING_EPS`` (``vllm/sampling_params.py``): below it a temperature is greedy.
@@ -73,6 +74,7 @@ class RequestTable:
                 out.append(ScheduledRequest(nr.req_id, n, nr.num_computed_tokens, 0, plen,
                                             nr.num_computed_tokens + n >= plen, rnd))
         cr = so.scheduled_cached_reqs
+        spec = getattr(so, "scheduled_spec_decode_tokens", None) or {}
         for i, rid in enumerate(cr.req_ids):
             n = nst.get(rid, 0)
             if not n:
@@ -82,7 +84,8 @@ class RequestTable:
                 plen = len(cr.all_token_ids.get(rid, ())) - cr.num_output_tokens[i]
                 self.prompt_len[rid] = plen
             comp, nout = cr.num_computed_tokens[i], cr.num_output_tokens[i]
-            out.append(ScheduledRequest(rid, n, comp, nout, plen, comp + n >= plen + nout, rid in self.random))
+            out.append(ScheduledRequest(rid, n, comp, nout, plen, comp + n >= plen + nout, rid in self.random,
+                                        len(spec.get(rid, ()))))
         return out
 
     def forget(self, req_id: str) -> None:
@@ -99,7 +102,7 @@ def step_features(reqs: list[ScheduledRequest]) -> StepFeatures:
         num_tokens += n
         context += r.num_computed
         attn += n * (r.num_computed + n / 2)
-        if n == 1 and r.num_computed >= r.prompt_len:
+        if n - r.num_spec == 1 and r.num_computed >= r.prompt_len:  # a decode (verifying its drafts, if any)
             decode_reqs += 1
         else:
             prefill_reqs += 1

@@ -202,3 +202,45 @@ def test_embeddings_from_an_emulated_pooling_model(model_dirs, family):
         assert single["usage"]["prompt_tokens"] == tok["count"] and np.allclose(single["data"][0]["embedding"], vecs[0])
         b64 = embed("the cat sat", encoding_format="base64")["data"][0]["embedding"]
         assert np.allclose(np.frombuffer(base64.b64decode(b64), dtype=np.float32), vecs[0], atol=1e-6)
+
+
+def _metric(text: str, name: str) -> dict[str, float]:
+    """{label string: value} of one metric family in a /metrics exposition."""
+    out = {}
+    for ln in text.splitlines():
+        if ln.startswith(name + "{") or ln.startswith(name + " "):
+            key, _, val = ln.rpartition(" ")
+            out[key[len(name):]] = float(val)
+    return out
+
+
+def test_speculative_decoding_emits_accepted_runs_and_vllms_spec_metrics_move(model_dirs):
+    """n-gram speculation (k = 3) with acceptance 0.8/0.6/0.5 per position: vLLM's own scheduler
+    counts drafts and accepted tokens from what the emulated runner returns; the measured rates match
+    the configured ones within sampling error, and streamed chunks carry several tokens."""
+    d = model_dirs["llama"]
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
+                       "prompt_lookup_min": 2})
+    args = ["--max-model-len", "1024", "--speculative-config", spec]
+    with vllm_server("emulated-spec", args, profile=None, step_ms=2.0, model=str(d),
+                     env={"EMUGATE_SPEC_ACCEPTANCE": "0.8,0.6,0.5"}) as (url, _, log):
+        for i in range(6):
+            r = httpx.post(url + "/v1/completions", json={"model": str(d), "prompt": f"request {i}", "max_tokens": 96,
+                                                          "ignore_eos": True}, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 96, r.text
+        with httpx.stream("POST", url + "/v1/completions", json={"model": str(d), "prompt": "stream", "max_tokens": 60,
+                                                                 "ignore_eos": True, "stream": True}, timeout=60) as s:
+            chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        text_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["text"]]
+        assert len(text_chunks) < 45, len(text_chunks)  # 60 tokens in fewer chunks: several tokens per chunk
+        m = httpx.get(url + "/metrics").text
+        drafts = sum(_metric(m, "vllm:spec_decode_num_drafts_total").values())
+        draft_toks = sum(_metric(m, "vllm:spec_decode_num_draft_tokens_total").values())
+        accepted = sum(_metric(m, "vllm:spec_decode_num_accepted_tokens_total").values())
+        per_pos = _metric(m, "vllm:spec_decode_num_accepted_tokens_per_pos_total")
+        assert drafts > 100 and draft_toks == 3 * drafts, (drafts, draft_toks)
+        expected = 0.8 + 0.8 * 0.6 + 0.8 * 0.6 * 0.5  # mean accepted per draft: 1.52
+        assert abs(accepted / drafts - expected) < 0.25, (accepted, drafts)
+        pos = [v for _, v in sorted(per_pos.items(), key=lambda kv: kv[0])]
+        assert len(pos) == 3 and abs(pos[0] / drafts - 0.8) < 0.1 and abs(pos[1] / pos[0] - 0.6) < 0.15, pos
+        assert "speculative decoding emulated: method ngram, k=3" in log.read_text()
