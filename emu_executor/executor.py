@@ -281,6 +281,10 @@ class EmulatedExecutor(Executor):
         self.token_state: dict[str, TokenState] = {}
         self.pending: deque[_Step] = deque()
         self.kv_specs = build_kv_cache_spec(self.vllm_config)
+        #: step-time factor per adapter active in a step (EMUGATE_LORA_STEP_OVERHEAD; see docs/guides)
+        self.lora_overhead = float(os.environ.get("EMUGATE_LORA_STEP_OVERHEAD", "0.05"))
+        self.loras: dict[int, Any] = {}  # lora_int_id -> LoRARequest (registered, no weights)
+        self.req_lora: dict[str, int] = {}  # request -> its adapter's lora_int_id
         self.spec: SpecEmulation | None = None
         self._drafts: DraftTokenIds | None = None
         if self.speculative_config is not None:
@@ -437,6 +441,35 @@ class EmulatedExecutor(Executor):
     def _rpc_get_kv_connector_handshake_metadata(self):
         return {}
 
+    # ------------------------------------------------------------------ LoRA adapters (no weights)
+    def _rpc_add_lora(self, lora_request) -> bool:
+        """Register an adapter as vLLM's worker would load it: its ``adapter_config.json`` is read and
+        checked with vLLM's own ``PEFTHelper`` (rank <= ``max_lora_rank``, no bias...); no weights are
+        read. A missing directory or config raises vLLM's ``LoRAAdapterNotFoundError``; an invalid one
+        vLLM's ``ValueError``: the same errors, so the API server answers as on a GPU."""
+        from vllm.lora.peft_helper import PEFTHelper
+        from vllm.lora.utils import get_adapter_absolute_path
+        from vllm.lora.worker_manager import LoRAAdapterNotFoundError
+        if lora_request.lora_int_id in self.loras:
+            return True
+        try:
+            helper = PEFTHelper.from_local_dir(get_adapter_absolute_path(lora_request.lora_path),
+                                               self.model_config.max_model_len)
+        except FileNotFoundError as e:
+            raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
+        helper.validate_legal(self.lora_config)
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def _rpc_remove_lora(self, lora_id: int) -> bool:
+        return self.loras.pop(lora_id, None) is not None
+
+    def _rpc_pin_lora(self, lora_id: int) -> bool:
+        return lora_id in self.loras
+
+    def _rpc_list_loras(self) -> set[int]:
+        return set(self.loras)
+
     def _rpc_take_draft_token_ids(self):
         return self.take_draft_token_ids()
 
@@ -486,17 +519,25 @@ class EmulatedExecutor(Executor):
         for rid in so.finished_req_ids:
             self.token_state.pop(rid, None)
             self.pool_inputs.pop(rid, None)
+            self.req_lora.pop(rid, None)
         reqs = self.requests.update(so)
         for nr in so.scheduled_new_reqs:
             if nr.req_id not in self.token_state and nr.sampling_params is not None:
                 self.token_state[nr.req_id] = self.tokens.new_request(nr.sampling_params, nr.prompt_token_ids)
             elif getattr(nr, "pooling_params", None) is not None:
                 self.pool_inputs[nr.req_id] = (nr.prompt_token_ids, nr.pooling_params)
+            lr = getattr(nr, "lora_request", None)
+            if lr is not None:
+                self._rpc_add_lora(lr)  # the runner loads an adapter a request names on first use
+                self.req_lora[nr.req_id] = lr.lora_int_id
         if so.total_num_scheduled_tokens == 0:
             out = EMPTY_MODEL_RUNNER_OUTPUT
         else:
             f = step_features(reqs)
             latency_us = self.oracle.sample_us(f)
+            if self.req_lora and self.lora_overhead:
+                active = len({self.req_lora[r.req_id] for r in reqs if r.req_id in self.req_lora})
+                latency_us *= 1.0 + self.lora_overhead * active
             if self.spec is not None and self.spec.draft_cost:
                 # drafting k tokens for the next step: k draft-model forwards (specdecode module docstring)
                 latency_us *= 1.0 + self.spec.k * self.spec.draft_cost

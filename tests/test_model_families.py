@@ -244,3 +244,56 @@ def test_speculative_decoding_emits_accepted_runs_and_vllms_spec_metrics_move(mo
         pos = [v for _, v in sorted(per_pos.items(), key=lambda kv: kv[0])]
         assert len(pos) == 3 and abs(pos[0] / drafts - 0.8) < 0.1 and abs(pos[1] / pos[0] - 0.6) < 0.15, pos
         assert "speculative decoding emulated: method ngram, k=3" in log.read_text()
+
+
+def test_lora_adapters_max_loras_batching_runtime_loading_and_unknown_names(model_dirs, tmp_path):
+    """Four adapters (adapter_config.json only, no weights) with max_loras = 2: requests over all four
+    are served, vLLM's scheduler never runs more than two adapters in a step (its
+    vllm:lora_requests_info gauge), and swaps them over time; runtime loading validates the adapter
+    with vLLM's own checks; an unknown adapter gets vLLM's own 404 body."""
+    import concurrent.futures as cf
+    d = model_dirs["llama"]
+    adapters = {}
+    for name, rank in (("a0", 8), ("a1", 8), ("a2", 16), ("a3", 8), ("too-big", 64)):
+        ad = tmp_path / name
+        ad.mkdir()
+        (ad / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+            "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "llama"}))
+        adapters[name] = ad
+    mods = [f"{n}={adapters[n]}" for n in ("a0", "a1", "a2", "a3")]
+    args = ["--max-model-len", "1024", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",
+            "--lora-modules", *mods]
+    with vllm_server("emulated-lora", args, profile=None, step_ms=4.0, model=str(d),
+                     env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as (url, _, _log):
+        ids = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert {"a0", "a1", "a2", "a3"} <= ids
+        running_seen: list[set[str]] = []
+        stop = False
+
+        def scrape():
+            while not stop:
+                for ln in httpx.get(url + "/metrics").text.splitlines():
+                    if ln.startswith("vllm:lora_requests_info{"):
+                        lab = ln.split('running_lora_adapters="', 1)[1].split('"', 1)[0]
+                        running_seen.append({a for a in lab.split(",") if a})
+
+        def one(i):
+            return httpx.post(url + "/v1/completions", json={"model": f"a{i % 4}", "prompt": f"p{i}", "max_tokens": 48,
+                                                             "ignore_eos": True}, timeout=120)
+        with cf.ThreadPoolExecutor(17) as ex:
+            watcher = ex.submit(scrape)
+            rs = list(ex.map(one, range(16)))
+            stop = True
+            watcher.result()
+        assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 48 for r in rs)
+        assert running_seen and max(len(s) for s in running_seen) <= 2, running_seen
+        assert len(set().union(*running_seen)) >= 3  # adapters swapped in and out over the run
+        r = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError", r.text
+        assert "nope" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "too-big",
+                                                             "lora_path": str(adapters["too-big"])})
+        assert r.status_code == 400 and "max_lora_rank" in r.text, r.text
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}).status_code == 200
+        assert httpx.post(url + "/v1/completions", json={"model": "a3", "prompt": "x", "max_tokens": 2}).status_code == 404
