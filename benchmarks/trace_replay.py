@@ -72,6 +72,32 @@ def locust(url: str, out: Path, trace: Path, fmt: str | None, time_scale: float,
     return json.loads(out.read_text())
 
 
+def lru_hit_rates(trace: Path, duration_s: float, capacities: dict[str, int]) -> dict[str, float]:
+    """Prefix-cache hit rate of an LRU cache of ``capacities[label]`` trace blocks over the trace's first
+    ``duration_s`` (hash ids as Mooncake defines them), beside the ideal (infinite cache) one: how much
+    of the ideal reuse a KV pool of that size can keep."""
+    from collections import OrderedDict
+
+    from loadtests.trace import read_trace, window
+    reqs = [r.hash_ids for r in window(read_trace(trace), 0.0, duration_s).requests]
+    out = {}
+    for label, cap in capacities.items():
+        cache: OrderedDict = OrderedDict()
+        hit = tot = 0
+        for ids in reqs:
+            for b in ids:
+                tot += 1
+                if b in cache:
+                    hit += 1
+                    cache.move_to_end(b)
+                else:
+                    cache[b] = None
+                    if len(cache) > cap:
+                        cache.popitem(last=False)
+        out[label] = hit / max(tot, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"))
@@ -143,6 +169,17 @@ def main() -> None:
              f"mean TTFT {first['mean_ttft_ms']:.1f} vs {second['mean_ttft_ms']:.1f} ms "
              f"({(second['mean_ttft_ms'] - first['mean_ttft_ms']) / first['mean_ttft_ms'] * 100:+.1f} %)"]
     lines += ["", "; ".join(agree)]
+    from loadtests.trace import read_trace
+    from profiles.assets import resolve_profile
+    from profiles.format import Profile
+    fp = Profile.load(str(resolve_profile("h100-sxm_llama-3.1-8b"))).fingerprint
+    block = read_trace(Path(args.trace)).block_size
+    per = int(fp["num_kv_blocks"]) * int(fp["block_size"]) // block
+    caps = {"one replica's KV pool": per, f"{args.replicas} replicas' pools as one cache": per * args.replicas}
+    lru = lru_hit_rates(Path(args.trace), args.duration, caps)
+    lines += ["", "Why the backends' hit rate sits below the trace's ideal one (an infinite cache): an LRU cache "
+              f"of {block}-token blocks over the same requests keeps "
+              + ", ".join(f"{v:.1%} with {k} ({caps[k]} blocks)" for k, v in lru.items()) + "."]
     md = "\n".join(lines) + "\n"
     (out / "trace_replay.md").write_text(md)
     print(md)
