@@ -511,7 +511,8 @@ class EmulatedExecutor(Executor):
 
     # ------------------------------------------------------------ steps
     def execute_model(self, scheduler_output, non_block: bool = False):
-        """Put the step on the virtual device; return None (output via sample_tokens).
+        """Put the step on the virtual device; return None (output via sample_tokens), or for a
+        pooling model the step's output itself (as vLLM's GPU runner: pooling does not sample).
 
         A step with no scheduled tokens returns vLLM's empty output at once.
         """
@@ -547,6 +548,8 @@ class EmulatedExecutor(Executor):
                 latency_us *= self.faults.latency_factor()
             self.pending.append(_Step(reqs, self.device.submit(latency_us * 1e-6, gap_us * 1e-6), so))
             self.num_steps += 1
+            if self.pooling_tasks:  # pooling runners answer from execute_model (EngineCore never samples)
+                return self.sample_tokens(None, non_block)
             out = None
         if non_block:
             f: Future = Future()

@@ -9,7 +9,9 @@ returns :class:`EmulatedPlatform`: the CPU platform (host tensors still live
 on the CPU) whose config hook then restores what the profile's fingerprint
 recorded, unless the user set it on the command line:
 
-* ``async_scheduling``    -> fingerprint (default True, vLLM's CUDA default)
+* ``async_scheduling``    -> fingerprint (default True, vLLM's CUDA default), unless set
+  on the command line or vLLM on a GPU would leave it off (pooling models,
+  n-gram speculative decoding: :func:`_gpu_disables_async`)
 * ``block_size``          -> fingerprint (default 16) unless ``--block-size``
 * ``max_num_batched_tokens`` / ``max_num_seqs`` -> fingerprint when they are
   still the CPU defaults (default 8192 / 1024, vLLM's H100/H200 serve defaults)
@@ -61,6 +63,27 @@ def _fingerprint() -> dict:
     return read_header(head, str(Path(path))).get("fingerprint", {})
 
 
+def _gpu_disables_async(vllm_config) -> str | None:
+    """Why vLLM 0.32 on a GPU would leave async scheduling off by default for this config, or None.
+
+    Mirrors ``VllmConfig.__post_init__`` (vllm/config/vllm.py) for an unset ``async_scheduling``:
+    pooling models, and speculative decoding other than EAGLE/MTP, draft-model, n-gram-GPU, DSpark
+    and DFlash (the CPU n-gram proposer needs sync scheduling).
+    """
+    from typing import get_args
+    mc, spec = vllm_config.model_config, vllm_config.speculative_config
+    if mc is not None and mc.runner_type == "pooling":
+        return "pooling model"
+    if spec is not None:
+        from vllm.config.speculative import EagleModelTypes, NgramGPUTypes
+        ok = set(get_args(EagleModelTypes)) | set(get_args(NgramGPUTypes)) | {"draft_model", "dspark", "dflash"}
+        if spec.method not in ok:
+            return f"{spec.method} speculative decoding"
+        if spec.disable_padded_drafter_batch:
+            return "disable_padded_drafter_batch"
+    return None
+
+
 def _make_platform():
     from vllm.platforms.cpu import CpuPlatform
 
@@ -75,6 +98,7 @@ def _make_platform():
             # the CPU platform turns chunked prefill and prefix caching off for MLA models (CPU_MLA
             # lacks them, vllm/platforms/cpu.py); the GPU keeps them, so the emulated engine does
             chunked, caching, mnbt = sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens
+            user_async = sc.async_scheduling  # None unless set on the command line
             super().check_and_update_config(vllm_config)
             mc = vllm_config.model_config
             restored_mla = mc is not None and mc.use_mla and (
@@ -85,8 +109,15 @@ def _make_platform():
             tp = pc.tensor_parallel_size * pc.pipeline_parallel_size
             set_ = [f"enable_chunked_prefill={chunked}, enable_prefix_caching={caching} (MLA, as on a GPU)"] \
                 if restored_mla else []
-            sc.async_scheduling = bool(fp["async_scheduling"])
-            set_.append(f"async_scheduling={sc.async_scheduling}")
+            off = _gpu_disables_async(vllm_config)
+            if user_async is not None:
+                sc.async_scheduling = bool(user_async)
+            elif off:
+                sc.async_scheduling = False
+                set_.append(f"async_scheduling=False ({off}, as vLLM decides on a GPU)")
+            else:
+                sc.async_scheduling = bool(fp["async_scheduling"])
+                set_.append(f"async_scheduling={sc.async_scheduling}")
             if user_block:
                 cc.block_size = user_block_size
             else:

@@ -250,7 +250,7 @@ def test_lora_adapters_max_loras_batching_runtime_loading_and_unknown_names(mode
     """Four adapters (adapter_config.json only, no weights) with max_loras = 2: requests over all four
     are served, vLLM's scheduler never runs more than two adapters in a step (its
     vllm:lora_requests_info gauge), and swaps them over time; runtime loading validates the adapter
-    with vLLM's own checks; an unknown adapter gets vLLM's own 404 body."""
+    with vLLM's own checks and answers as vLLM does; an unknown adapter gets vLLM's own 404 body."""
     import concurrent.futures as cf
     d = model_dirs["llama"]
     adapters = {}
@@ -292,8 +292,13 @@ def test_lora_adapters_max_loras_batching_runtime_loading_and_unknown_names(mode
         r = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError", r.text
         assert "nope" in r.json()["error"]["message"]
+        # vLLM 0.32's own answers when its worker refuses an adapter (serving_models.load_lora_adapter):
+        # not found -> 404 NotFoundError; fails vLLM's checks -> 500 with the check's message
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "too-big",
                                                              "lora_path": str(adapters["too-big"])})
-        assert r.status_code == 400 and "max_lora_rank" in r.text, r.text
+        assert r.status_code == 500 and "LoRA rank 64 is greater than max_lora_rank 16" in r.text, r.text
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "gone", "lora_path": str(tmp_path / "gone")})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError", r.text
         assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}).status_code == 200
-        assert httpx.post(url + "/v1/completions", json={"model": "a3", "prompt": "x", "max_tokens": 2}).status_code == 404
+        r = httpx.post(url + "/v1/completions", json={"model": "a3", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 404, r.text
