@@ -428,6 +428,8 @@ class Forwarder:
                 raise _Reject(400, f"The request names no `model`; this gateway serves {sorted(reps)}",
                               "invalid_request_error", "model")
         replicas = reps.get(model) if isinstance(model, str) else None
+        if replicas is None and isinstance(model, str) and model in self.gw.adapters:
+            replicas = reps.get(self.gw.adapters[model])  # a LoRA adapter: its base model's replicas
         if replicas is None:
             shown = model if isinstance(model, str) and len(model) <= 200 else f"{str(model)[:200]}..."
             raise _Reject(404, f"The model `{shown}` does not exist. Served models: {sorted(reps)}",
@@ -647,6 +649,11 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.api_keys = ApiKeys(config.gateway.resolved_api_keys())
         self.routing = config.gateway.routing
+        #: LoRA adapter name -> its backend's model name: from each backend's ``--lora-modules`` and from
+        #: what its replicas list in /v1/models (adapters loaded at runtime), so requests naming an adapter
+        #: reach the backend that serves it
+        self.adapters: dict[str, str] = {n: b.model_name for b in config.backends for n in lora_module_names(
+            b.extra_args)}
         self.queue_limit = config.gateway.queue_limit
         self.per_key_limit = config.gateway.max_concurrency_per_key
         self.in_flight = 0
@@ -786,7 +793,7 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         """``GET /v1/models``: the union of every ready replica's model list."""
         seen: dict[str, dict] = {}
-        for reps in self.supervisor.replicas.values():
+        for model, reps in self.supervisor.replicas.items():
             for r in reps:
                 if not r.ready:
                     continue
@@ -794,6 +801,9 @@ class Gateway:
                     async with await self._get(r, "/v1/models") as resp:
                         for m in (await resp.json()).get("data", []):
                             seen.setdefault(m["id"], m)
+                            mid = m["id"]
+                            if mid != model and m.get("parent") == model and mid not in self.supervisor.replicas:
+                                self.adapters[mid] = model  # a LoRA adapter vLLM lists under its base model
                     break
         return JSONResponse({"object": "list", "data": list(seen.values())})
 
@@ -817,6 +827,26 @@ async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
     msg = {404: f"No route for {request.method} {request.url.path}",
            405: f"Method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
     return error_response(request, exc.status_code, msg, "invalid_request_error", headers=exc.headers)
+
+
+def lora_module_names(extra_args: list[str]) -> list[str]:
+    """Adapter names in a vLLM command line's ``--lora-modules`` (``name=path`` or JSON ``{"name": ...}``
+    entries, up to the next option)."""
+    names, on = [], False
+    for a in extra_args:
+        if a.startswith("--"):
+            on = a == "--lora-modules" or a.startswith("--lora-modules=")
+            if "=" in a and on:
+                a = a.split("=", 1)[1]
+            else:
+                continue
+        if on:
+            if a.lstrip().startswith("{"):
+                with contextlib.suppress(ValueError, AttributeError):
+                    names.append(str(json.loads(a)["name"]))
+            elif "=" in a:
+                names.append(a.split("=", 1)[0])
+    return names
 
 
 def create_app(config: Config, supervisor: Supervisor | None = None, launch: bool = True,

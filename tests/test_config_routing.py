@@ -135,3 +135,12 @@ def test_merged_vllm_metrics_keep_each_family_in_one_block():
     assert all(ln.startswith("vllm:e2e") for ln in lines[first + 1:last + 1]) and last - first == 8
     assert scrape_value(text, "vllm:num_requests_running") == 3.0
     assert scrape_value(text, "vllm:absent") is None
+
+
+def test_lora_module_names_from_vllm_command_lines():
+    """Adapter names the gateway routes to a backend, from its vLLM ``--lora-modules`` (every form vLLM takes)."""
+    from gateway.proxy import lora_module_names
+    assert lora_module_names(["--enable-lora", "--lora-modules", "a=/x", "b=/y", "--max-loras", "2"]) == ["a", "b"]
+    assert lora_module_names(['--lora-modules={"name": "c", "path": "/z"}']) == ["c"]
+    assert lora_module_names(["--lora-modules", '{"name": "d", "path": "/z"}', "e=/q", "--x", "f=/no"]) == ["d", "e"]
+    assert lora_module_names(["--max-loras", "2", "--served-model-name", "m"]) == []

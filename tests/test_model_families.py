@@ -14,7 +14,8 @@ import shutil
 import httpx
 import pytest
 
-from conftest import vllm_server
+from conftest import start_gateway, status_of, vllm_server, wait_for
+from gateway.launch import free_port
 from profiles.assets import resolve_model_dir
 
 pytestmark = pytest.mark.e2e  # builds vLLM configs and models in-process, and starts a vLLM server
@@ -302,3 +303,36 @@ def test_lora_adapters_max_loras_batching_runtime_loading_and_unknown_names(mode
         assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}).status_code == 200
         r = httpx.post(url + "/v1/completions", json={"model": "a3", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 404, r.text
+
+        # through the gateway: adapters listed, routed by name (--lora-modules from the config, and one
+        # loaded at runtime, learnt from the replica's /v1/models), an unknown name gets the gateway's 404
+        assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "late",
+                                                               "lora_path": str(adapters["a0"])}).status_code == 200
+        gport = free_port()
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(f"""
+[gateway]
+port = {gport}
+[[backends]]
+name = "lora"
+model = "{d}"
+mode = "real"
+ports = [{url.rsplit(":", 1)[1]}]
+extra_args = ["--enable-lora", "--lora-modules", "a0={adapters['a0']}", "a1={adapters['a1']}"]
+""")
+        gw, _glog = start_gateway("gateway-lora", cfg, "--no-launch")
+        gurl = f"http://127.0.0.1:{gport}"
+        try:
+            wait_for(lambda: status_of(gurl + "/ready") == 200, 60, what="the gateway to see the LoRA server")
+            for name in ("a1", "a2"):  # a2 is not in the gateway's config: unknown until /v1/models lists it
+                r = httpx.post(gurl + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2})
+                assert r.status_code == (200 if name == "a1" else 404), r.text
+            listed = {m["id"]: m.get("parent") for m in httpx.get(gurl + "/v1/models").json()["data"]}
+            assert listed.get("a2") == str(d) and listed.get("late") == str(d), listed
+            for name in ("a2", "late"):
+                r = httpx.post(gurl + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2})
+                assert r.status_code == 200 and r.json()["model"] == name, r.text
+            r = httpx.post(gurl + "/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+        finally:
+            gw.stop(grace_s=10)
