@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from emu_executor.settings import EmuSettings
@@ -63,6 +64,21 @@ def _fingerprint() -> dict:
     return read_header(head, str(Path(path))).get("fingerprint", {})
 
 
+def _cli_async_flag() -> bool | None:
+    """``--async-scheduling`` / ``--no-async-scheduling`` as given on the server's command line, else None.
+
+    vLLM has already resolved an unset flag when the platform hook runs (so the config cannot tell a
+    user's choice from its default); the API server's argv can. The answer is kept in
+    ``EMUGATE_ASYNC_FLAG`` so that the engine-core process vLLM spawns (other argv) sees the same.
+    """
+    v = os.environ.get("EMUGATE_ASYNC_FLAG")
+    if v is None:
+        argv = sys.argv[1:]
+        v = "on" if "--async-scheduling" in argv else "off" if "--no-async-scheduling" in argv else ""
+        os.environ["EMUGATE_ASYNC_FLAG"] = v
+    return {"on": True, "off": False}.get(v)
+
+
 def _gpu_disables_async(vllm_config) -> str | None:
     """Why vLLM 0.32 on a GPU would leave async scheduling off by default for this config, or None.
 
@@ -98,7 +114,6 @@ def _make_platform():
             # the CPU platform turns chunked prefill and prefix caching off for MLA models (CPU_MLA
             # lacks them, vllm/platforms/cpu.py); the GPU keeps them, so the emulated engine does
             chunked, caching, mnbt = sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens
-            user_async = sc.async_scheduling  # None unless set on the command line
             super().check_and_update_config(vllm_config)
             mc = vllm_config.model_config
             restored_mla = mc is not None and mc.use_mla and (
@@ -110,8 +125,10 @@ def _make_platform():
             set_ = [f"enable_chunked_prefill={chunked}, enable_prefix_caching={caching} (MLA, as on a GPU)"] \
                 if restored_mla else []
             off = _gpu_disables_async(vllm_config)
+            user_async = _cli_async_flag()
             if user_async is not None:
-                sc.async_scheduling = bool(user_async)
+                sc.async_scheduling = user_async
+                set_.append(f"async_scheduling={sc.async_scheduling} (command line)")
             elif off:
                 sc.async_scheduling = False
                 set_.append(f"async_scheduling=False ({off}, as vLLM decides on a GPU)")
