@@ -31,23 +31,8 @@ from _common import ROOT
 
 from profiles.assets import resolve_profile
 from profiles.format import Profile
-from profiles.oracle import CLASS_NAMES, build_oracle, heldout_errors, profile_features
+from profiles.oracle import build_oracle, class_errors, heldout_errors
 from profiles.spread import oracle_bias
-
-
-def step_errors(oracle, full: Profile) -> dict[str, dict[str, float]]:
-    """|error| % of ``oracle.predict_us`` on every step of ``full``, per step class (median, p90, n)."""
-    feats = profile_features(full)
-    actual = full.steps["latency_us"].astype(float)
-    pred = np.array([oracle.predict_us(f) for f in feats])
-    err = np.abs(pred - actual) / np.maximum(actual, 1.0) * 100.0
-    cls = np.array([f.step_class for f in feats])
-    out = {}
-    for c, name in CLASS_NAMES.items():
-        e = err[cls == c]
-        if len(e):
-            out[name] = {"median": float(np.median(e)), "p90": float(np.percentile(e, 90)), "n": int(len(e))}
-    return out
 
 
 def main() -> None:
@@ -77,7 +62,7 @@ def main() -> None:
                            axis=1).shape[1])
     oracle = build_oracle(quick, "feature", seed=0)
     res = {"quick_steps": quick.num_steps, "quick_shapes": shapes, "capture_wall_s": wall,
-           "full_steps": full.num_steps, "quick_on_full": step_errors(oracle, full),
+           "full_steps": full.num_steps, "quick_on_full": class_errors(oracle, full),
            "quick_bias_on_full_pct": oracle_bias(oracle, full.steps, max_steps=full.num_steps),
            "full_heldout": heldout_errors(full, "feature")}
     if not a.skip_validate:

@@ -455,8 +455,15 @@ def heldout_errors(profile: Profile, kind: str, test_frac: float = 0.2, seed: in
     kw = {"features": features} if features is not None else {}
     kw.update(oracle_kw)
     oracle = ORACLES[kind](profile, seed=seed, idx=train, **kw)
-    feats = profile_features(profile, test)
-    actual = profile.steps["latency_us"][test].astype(float)
+    return class_errors(oracle, profile, test)
+
+
+def class_errors(oracle, profile: Profile, idx: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Absolute % error of ``oracle.predict_us`` on ``profile``'s steps (``idx``: a subset), per step class:
+    {class name: {"median": %, "p90": %, "n": count}}."""
+    feats = profile_features(profile, idx)
+    lat = profile.steps["latency_us"]
+    actual = (lat if idx is None else lat[idx]).astype(float)
     pred = np.array([oracle.predict_us(f) for f in feats])
     err = np.abs(pred - actual) / np.maximum(actual, 1.0) * 100.0
     cls = np.array([f.step_class for f in feats])
