@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from loadtests.dataset import CACHE_DIR, SampleRequest
 
@@ -42,10 +45,15 @@ class PlannedRequest:
     request: SampleRequest
 
 
+def plan_cache_path(spec: PlanSpec) -> Path:
+    """Where :func:`make_plan` caches the plan of ``spec`` (a JSON list of [send time s, request])."""
+    return CACHE_DIR / "plans" / f"{spec.key()}.json"
+
+
 def make_plan(spec: PlanSpec, cache: bool = True) -> list[PlannedRequest]:
     """Requests with their scheduled send times (s), sampled and scheduled as vLLM does."""
     from loadtests.arrivals import arrival_times
-    path = CACHE_DIR / "plans" / f"{spec.key()}.json"
+    path = plan_cache_path(spec)
     if cache and path.is_file():
         rows = json.loads(path.read_text())
         return [PlannedRequest(i, at, SampleRequest(**req)) for i, (at, req) in enumerate(rows)]
@@ -57,7 +65,7 @@ def make_plan(spec: PlanSpec, cache: bool = True) -> list[PlannedRequest]:
                           spec.ramp_up_start_rps, spec.ramp_up_end_rps)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: workers on one host may build it at once
         tmp.write_text(json.dumps([(t, asdict(r)) for t, r in zip(times, reqs)]))
         tmp.replace(path)
     return [PlannedRequest(i, t, r) for i, (t, r) in enumerate(zip(times, reqs))]
@@ -101,3 +109,22 @@ def make_trace_plan(spec: TraceSpec):
 def split_for_worker(plan: list[PlannedRequest], worker_index: int, worker_count: int) -> list[PlannedRequest]:
     """Worker ``worker_index`` of ``worker_count`` takes every worker_count-th request."""
     return [p for p in plan if p.index % max(1, worker_count) == worker_index]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loadtests.plan SPEC_JSON``: build and cache the plan of a :class:`PlanSpec` given as JSON.
+
+    The Locust driver runs this in a child process when the plan is not cached yet: tokenizing the
+    dataset takes ~10 s of CPU, and inside a Locust worker's event loop that long a pause starves its
+    heartbeats, so the master drops the worker (see ``loadtests/sharegpt.py``, ``_build_plan``).
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    make_plan(PlanSpec(**json.loads(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,9 +38,11 @@ from the union of the records (exact distributions, never averages of worker per
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import gevent
 from gevent.lock import Semaphore
@@ -51,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from loadtests.endpoint import EndpointNotReady, wait_for_model  # noqa: E402
 from loadtests.metrics import RequestResult, parse_goodput  # noqa: E402
 from loadtests.options import add_workload_args  # noqa: E402
-from loadtests.plan import PlanSpec, make_plan, split_for_worker  # noqa: E402
+from loadtests.plan import PlanSpec, make_plan, plan_cache_path, split_for_worker  # noqa: E402
 from loadtests.sse import ConnectionPool, build_payload, stream_request  # noqa: E402
 
 
@@ -76,6 +78,23 @@ def _resolve_model_and_tokenizer(host: str, opts, headers: dict[str, str]) -> tu
         except (FileNotFoundError, ImportError):
             tok = root or model
     return model, tok
+
+
+def _in_child_process(code: str, *args: str) -> None:
+    """Run ``python -c code args...`` in a child process and wait for it without blocking the event loop.
+
+    Used to build the on-disk caches (the ShareGPT plan, a tokenizer's word pool) that take seconds of
+    CPU: run inline, they would stall this Locust process's greenlets, and a worker that stalls misses
+    its heartbeats to the master, which then drops it and the distributed run never ends.
+
+    Raises:
+        RuntimeError: the child failed; the message carries the end of its stderr.
+    """
+    import gevent.subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = gevent.subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the load plan failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
 
 
 def _served_max_model_len(host: str, model: str, headers: dict[str, str]) -> int | None:
@@ -172,6 +191,8 @@ class ShareGPTDriver(User):
             max_len = o.max_model_len or _served_max_model_len(self.host, model, headers)
             full, trace = make_trace_plan(TraceSpec(o.trace, o.trace_format, o.time_scale, o.trace_start,
                                                     o.trace_duration, o.scale_inputs, max_len))
+            _in_child_process("from loadtests.trace import cached_word_pool as f; import sys; "
+                              "f(sys.argv[1], sys.argv[2] or None)", tok, o.tokenizer_mode or "")
             builder = PromptBuilder(cached_word_pool(tok, o.tokenizer_mode), trace.block_size, seed=o.seed)
             plan = split_for_worker(full, widx, o.plan_workers)
             o.endpoint = "completions"  # token-id prompts: exact lengths and shared prefixes
@@ -184,6 +205,8 @@ class ShareGPTDriver(User):
                             output_len=o.output_len, ramp_up_strategy=o.ramp_up_strategy,
                             ramp_up_start_rps=o.ramp_up_start_rps, ramp_up_end_rps=o.ramp_up_end_rps,
                             tokenizer_mode=o.tokenizer_mode)
+            if not plan_cache_path(spec).is_file():
+                _in_child_process("from loadtests.plan import main; main()", json.dumps(asdict(spec)))
             plan = split_for_worker(make_plan(spec), widx, o.plan_workers)
         parse_goodput(o.goodput), o.percentiles.split(",")  # bad SLOs fail before any request is sent
         chat = o.endpoint == "chat"

@@ -29,6 +29,7 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -243,7 +244,7 @@ def cached_word_pool(tokenizer_dir: str, mode: str | None = None, size: int = 81
         return np.asarray(json.loads(path.read_text()), dtype=np.int64)
     pool = word_pool(get_tokenizer(tokenizer_dir, mode), size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: workers on one host may build it at once
     tmp.write_text(json.dumps(pool.tolist()))
     tmp.replace(path)
     return pool
