@@ -123,7 +123,8 @@ def on_meta_model(vllm_config, fn: Callable[[Any, Any], Any]) -> Any:
     The model class vLLM would load (``get_model_architecture``, pooling adapters included) is
     instantiated under ``torch.device("meta")`` (no weights, no memory) inside a one-rank gloo world
     at TP1 (set up here when this process has none, and torn down after), with a TP1 copy of the
-    config when ``vllm_config`` has TP or PP > 1. The static forward context (where the layers
+    config when ``vllm_config`` has TP or PP > 1, and without weight quantization (it does not change
+    the KV-cache specs, and vLLM-CPU lacks kernels for some of it). The static forward context (where the layers
     register) is restored afterwards, so nothing of the built model outlives the call. ~1 s.
 
     Raises:
@@ -140,6 +141,11 @@ def on_meta_model(vllm_config, fn: Callable[[Any, Any], Any]) -> Any:
         cfg = copy.deepcopy(vllm_config)
         cfg.parallel_config.tensor_parallel_size = cfg.parallel_config.pipeline_parallel_size = 1
         cfg.parallel_config.world_size = 1
+    if cfg.quant_config is not None:
+        # weight quantization (DeepSeek-R1's block FP8...) does not change the KV geometry, and vLLM-CPU
+        # has no kernel for some of it (FP8 block GEMMs need AMX): the layers are built unquantized
+        cfg = copy.deepcopy(cfg) if cfg is vllm_config else cfg
+        cfg.quant_config = None
     ctx = cfg.compilation_config.static_forward_context
     before = dict(ctx)
     own_world = not torch.distributed.is_initialized()

@@ -144,7 +144,8 @@ def cmd_synth(args) -> int:
     spec = SynthSpec(hardware=args.hardware, model_dir=str(model_dir), aic_model=args.aic_model,
                      dtype=args.dtype, tp=args.tp, gpu_memory_utilization=args.gpu_memory_utilization,
                      max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                     max_num_seqs=args.max_num_seqs, num_steps=args.steps, seed=args.seed)
+                     max_num_seqs=args.max_num_seqs, num_steps=args.steps, seed=args.seed,
+                     expert_parallel=args.enable_expert_parallel)
     model = StepModel.raw() if args.raw else shipped_model()
     lens = None
     if args.output_lengths_from:
@@ -164,7 +165,7 @@ def cmd_synth(args) -> int:
     from profiles.stepmodel import AicBreakdown, Deployment
     d = prof.fingerprint
     dep = Deployment(d["hardware"], d["aic_model"], args.dtype, args.tp, int(d["max_num_seqs"]),
-                     d["model_dims"]["num_layers"], d["model_dims"]["hidden_size"])
+                     d["model_dims"]["num_layers"], d["model_dims"]["hidden_size"], bool(d.get("expert_parallel")))
     aic = AicBreakdown(dep)
     print(synth_table(args.out, exact=lambda s: model.step_ms(aic.parts(s), dep)))
     return 0
@@ -263,6 +264,9 @@ def build_parser(prog: str = "emugate profile") -> argparse.ArgumentParser:
                    help="the model id AIC knows (it ships e.g. meta-llama/Meta-Llama-3.1-8B); default: --model")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="weight dtype (KV cache stays bf16)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: experts split whole over the TP ranks, as vLLM's flag (default: each expert "
+                        "sharded by TP)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="as vLLM's flag")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM 0.32's for that GPU")

@@ -64,7 +64,9 @@ class Deployment:
     """One configuration whose steps are modelled: GPU x model x TP x dtype (and vLLM's batch cap).
 
     ``model`` is an AIC model id (it ships e.g. ``meta-llama/Meta-Llama-3.1-8B``) or a directory
-    with ``config.json``; ``num_layers`` and ``hidden_size`` are the model's.
+    with ``config.json``; ``num_layers`` and ``hidden_size`` are the model's. ``expert_parallel``
+    (MoE models): vLLM's ``--enable-expert-parallel``, the experts split whole over the TP ranks
+    (AIC's ``moe_ep_size`` = TP); without it vLLM shards every expert by TP (``moe_tp_size`` = TP).
     """
 
     hardware: str
@@ -74,6 +76,7 @@ class Deployment:
     max_num_seqs: int
     num_layers: int
     hidden_size: int
+    expert_parallel: bool = False
 
     @property
     def label(self) -> str:
@@ -115,7 +118,7 @@ class AicBreakdown:
     def __init__(self, dep: Deployment) -> None:
         self.dep = dep
         hw = hardware(dep.hardware)
-        self._h = _engine(hw.aic_system, hw.aic_version, dep.model, dep.dtype, dep.tp)
+        self._h = _engine(hw.aic_system, hw.aic_version, dep.model, dep.dtype, dep.tp, dep.expert_parallel)
         self.graph_sizes = cudagraph_sizes(dep.max_num_seqs, hw.max_graph_size)
 
     def parts(self, s: StepShape, graph: str | None = None) -> AicParts:
@@ -147,12 +150,18 @@ class AicBreakdown:
 
 
 def _split(ops) -> tuple[float, float, float]:
-    """(non-attention non-comm, attention, all-reduce/p2p) ms of an AIC per-op list."""
+    """(non-attention non-comm, attention, communication) ms of an AIC per-op list.
+
+    Attention: ops named ``*attention*`` and MLA's ``*mla_block*`` (AIC models DeepSeek's whole
+    MLA block, its projections included, as one op). Communication: all-reduces (``*_ar``,
+    ``*allreduce*``), pipeline p2p, and the MoE dispatch/combine around the experts
+    (``*moe_pre_dispatch`` / ``*moe_post_dispatch``: TP all-gather/reduce-scatter or EP all-to-all).
+    """
     g = a = c = 0.0
     for name, ms, *_ in ops:
-        if "attention" in name:
+        if "attention" in name or "mla_block" in name:
             a += ms
-        elif name.endswith(("_ar", "_ar_1", "_ar_2", "_p2p")) or "_ar_" in name:
+        elif name.endswith(("_ar", "_ar_1", "_ar_2", "_p2p", "_dispatch")) or "_ar_" in name or "allreduce" in name:
             c += ms
         else:
             g += ms
@@ -160,8 +169,11 @@ def _split(ops) -> tuple[float, float, float]:
 
 
 @functools.lru_cache(maxsize=32)
-def _engine(system: str, version: str, model: str, dtype: str, tp: int):
-    """AIC's compiled engine for one deployment (~1.5 s; cached)."""
+def _engine(system: str, version: str, model: str, dtype: str, tp: int, expert_parallel: bool = False):
+    """AIC's compiled engine for one deployment (~1.5 s; cached). The MoE layout: experts sharded by
+    TP (``moe_tp_size`` = TP), or split whole over the ranks with ``expert_parallel``; AIC requires
+    ``moe_tp x moe_ep`` = TP and ignores them for dense models. Quantization of the checkpoint
+    (DeepSeek-R1's FP8, gpt-oss's MXFP4 experts) AIC reads from the model's config."""
     try:
         from aiconfigurator_core.sdk.engine import EngineHandle
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -169,7 +181,8 @@ def _engine(system: str, version: str, model: str, dtype: str, tp: int):
     logging.getLogger("aiconfigurator_core").setLevel(logging.ERROR)
     try:
         return EngineHandle.compile(model, system, "vllm", backend_version=version, tp_size=tp,
-                                    gemm_quant_mode="fp8" if dtype == "fp8" else None)
+                                    gemm_quant_mode="fp8" if dtype == "fp8" else None,
+                                    moe_tp_size=1 if expert_parallel else tp, moe_ep_size=tp if expert_parallel else 1)
     except Exception as e:
         raise RuntimeError(f"aiconfigurator-core cannot model {model} on {system} (vLLM {version}, TP{tp}, "
                            f"{dtype}): {e}") from e
@@ -515,12 +528,15 @@ def shipped_model() -> StepModel:
 SEEN_PARAMS = (8.0e9, 70.6e9)
 
 
-def coverage_warnings(model: StepModel, dep: Deployment, params: float, moe: bool = False) -> list[str]:
+def coverage_warnings(model: StepModel, dep: Deployment, params: float, moe: bool = False, mla: bool = False,
+                      sliding: bool = False) -> list[str]:
     """What about ``dep`` lies outside what the step model's fit covered, one sentence each, with numbers.
 
     Args:
-        params: the model's parameter count.
+        params: the model's parameter count (for MoE, all experts).
         moe: a mixture-of-experts model.
+        mla: multi-head latent attention (DeepSeek).
+        sliding: sliding-window layers beside full attention (gpt-oss).
     """
     out = []
     _, bands = band_for(model, dep)
@@ -540,7 +556,17 @@ def coverage_warnings(model: StepModel, dep: Deployment, params: float, moe: boo
     if not lo / 2 <= params <= hi * 2:
         out.append(f"a {params / 1e9:.1f}B-parameter model: the fit saw 8B and 70B models only")
     if moe:
-        out.append("a mixture-of-experts model: no MoE step or serving measurement is in the fit")
+        out.append("a mixture-of-experts model: no MoE step or serving measurement is in the fit; AIC's MoE kernel "
+                   "times against a measured fused-MoE table (Qwen3-30B-A3B, RTX PRO 6000) are in "
+                   "benchmarks/moe_block_error.py"
+                   + (f", and with expert parallel (EP{dep.tp}) the dispatch all-to-all is AIC's own estimate"
+                      if dep.expert_parallel else ""))
+    if mla:
+        out.append("multi-head latent attention: AIC models the MLA block (projections and attention) as one op, "
+                   "scaled here by the attention factor fitted on GQA attention")
+    if sliding:
+        out.append("sliding-window layers beside full attention: none of the fitted models had them, so their "
+                   "attention time is AIC's alone, never checked against a measurement")
     return out
 
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from profiles.format import Profile
-from profiles.oracle import LINEAR_FEATURES, StepFeatures
+from profiles.oracle import LINEAR_FEATURES, MOE_FEATURE, StepFeatures
 
 GIB = 1 << 30
 
@@ -102,9 +102,23 @@ def hardware(name: str) -> Hardware:
 # ------------------------------------------------------------------ model
 @dataclass(frozen=True)
 class ModelDims:
-    """The dense decoder dimensions that decide weights, KV size and step cost.
+    """The decoder dimensions that decide weights, KV size and step cost.
 
-    Read from a Hugging Face ``config.json`` (:meth:`from_config`).
+    Read from a Hugging Face ``config.json`` (:meth:`from_config`). Besides dense attention
+    decoders it covers the families aiconfigurator-core models:
+
+    * mixture of experts (``num_experts`` > 0): Qwen3-MoE / Mixtral (``num_experts`` or
+      ``num_local_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``), gpt-oss
+      (``experts_per_token``), DeepSeek-V3/R1 (``n_routed_experts``, ``n_shared_experts``,
+      ``first_k_dense_replace`` dense layers first);
+    * MLA (``kv_lora_rank`` > 0, DeepSeek-V2/V3/R1): one compressed latent of
+      ``kv_lora_rank + qk_rope_head_dim`` values per token and layer, not split by TP;
+    * sliding-window layers beside full attention (``layer_types`` of gpt-oss):
+      ``num_sliding_layers`` of them, window ``sliding_window`` tokens.
+
+    ``weight_format`` / ``expert_format`` are the checkpoint's storage of the linear layers and of
+    the experts: ``bf16``, ``fp8`` (DeepSeek-R1's block-FP8 ``quantization_config``) or ``mxfp4``
+    (gpt-oss: experts only, 4 bits + one 8-bit scale per 32 values).
     """
 
     architecture: str
@@ -117,53 +131,169 @@ class ModelDims:
     vocab_size: int
     tied_embeddings: bool
     max_position_embeddings: int
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    num_dense_layers: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    q_lora_rank: int = 0
+    num_sliding_layers: int = 0
+    sliding_window: int = 0
+    weight_format: str = "bf16"
+    expert_format: str = "bf16"
 
     @classmethod
     def from_config(cls, path: str | Path) -> "ModelDims":
         """Parse ``config.json`` (a file or the directory holding it).
 
         Raises:
-            ValueError: a mixture-of-experts, MLA or non-decoder config (not synthesized yet).
+            ValueError: a hybrid Mamba / linear-attention or attention-free config (no AIC model;
+                the message names the architecture), or a config without a decoder's keys.
         """
         p = Path(path)
         cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
         cfg = cfg.get("text_config", cfg)
-        if any(k in cfg for k in ("num_local_experts", "num_experts", "kv_lora_rank")):
-            raise ValueError("synth covers dense attention decoders; this config is MoE or MLA")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
+        arch = (cfg.get("architectures") or ["?"])[0]
+        kinds = set(cfg.get("layer_types") or cfg.get("layers_block_type") or [])
+        if kinds - {"full_attention", "sliding_attention", "attention"} or "mamba_d_state" in cfg \
+                or "linear_num_value_heads" in cfg:
+            raise ValueError(f"profile synth cannot model {arch}: its layers include {sorted(kinds) or 'Mamba/linear'}"
+                             " state layers, which aiconfigurator-core does not cover; capture a profile on the GPU")
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            layers = int(cfg["num_hidden_layers"])
+        except KeyError as e:
+            raise ValueError(f"{p}: config.json lacks {e.args[0]!r}; synth needs a decoder's config") from e
+        experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
+        quant = (cfg.get("quantization_config") or {}).get("quant_method", "")
+        mla = int(cfg.get("kv_lora_rank") or 0)
         return cls(
-            architecture=(cfg.get("architectures") or ["?"])[0],
-            num_layers=int(cfg["num_hidden_layers"]), hidden_size=hidden,
+            architecture=arch, num_layers=layers, hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]), num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads), vocab_size=int(cfg["vocab_size"]),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+            num_experts=experts,
+            experts_per_token=int(cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0)
+            if experts else 0,
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if experts else 0,
+            shared_expert_intermediate_size=int(cfg.get("n_shared_experts") or 0) * int(
+                cfg.get("moe_intermediate_size") or 0) or int(cfg.get("shared_expert_intermediate_size") or 0),
+            num_dense_layers=int(cfg.get("first_k_dense_replace") or 0) if experts else 0,
+            kv_lora_rank=mla, qk_rope_head_dim=int(cfg.get("qk_rope_head_dim") or 0) if mla else 0,
+            qk_nope_head_dim=int(cfg.get("qk_nope_head_dim") or 0) if mla else 0,
+            v_head_dim=int(cfg.get("v_head_dim") or 0) if mla else 0,
+            q_lora_rank=int(cfg.get("q_lora_rank") or 0) if mla else 0,
+            num_sliding_layers=sum(t == "sliding_attention" for t in cfg.get("layer_types") or []),
+            sliding_window=int(cfg.get("sliding_window") or 0) if "sliding_attention" in kinds else 0,
+            weight_format="fp8" if quant == "fp8" else "bf16",
+            expert_format={"fp8": "fp8", "mxfp4": "mxfp4"}.get(quant, "bf16"),
         )
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def attention_params(self) -> int:
+        """Parameters of one layer's attention projections.
+
+        GQA/MHA: QKV + O. MLA (DeepSeek-V3, ``vllm/model_executor/models/deepseek_v2.py``): q_a
+        (hidden x q_lora_rank) and q_b (q_lora_rank x heads x (nope + rope)), or one q projection
+        without ``q_lora_rank``; kv_a (hidden x (kv_lora_rank + rope)); kv_b (kv_lora_rank x heads
+        x (nope + v)); o (heads x v x hidden).
+        """
+        h = self.hidden_size
+        if self.is_mla:
+            qd = self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+            q = h * self.q_lora_rank + self.q_lora_rank * qd if self.q_lora_rank else h * qd
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) \
+                + self.kv_lora_rank * self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)
+            return q + kv + self.num_heads * self.v_head_dim * h
+        return h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * h
+
+    def expert_params(self) -> int:
+        """Parameters of the routed experts over all MoE layers (gate, up, down each); 0 for dense."""
+        if not self.is_moe:
+            return 0
+        return (self.num_layers - self.num_dense_layers) * self.num_experts * 3 * self.hidden_size \
+            * self.moe_intermediate_size
+
     def linear_params(self) -> int:
-        """Parameters of the transformer layers' linear projections (QKV, O, gate/up/down)."""
-        h, i = self.hidden_size, self.intermediate_size
-        qkv = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        o = self.num_heads * self.head_dim * h
-        return self.num_layers * (qkv + o + 3 * h * i)
+        """Parameters of the transformer layers' linear projections: attention, dense MLPs
+        (gate/up/down), and for MoE layers the router, shared experts and routed experts."""
+        h = self.hidden_size
+        mlp = self.num_dense_layers * 3 * h * self.intermediate_size if self.is_moe \
+            else self.num_layers * 3 * h * self.intermediate_size
+        moe_layers = self.num_layers - self.num_dense_layers if self.is_moe else 0
+        moe = moe_layers * (h * self.num_experts + 3 * h * self.shared_expert_intermediate_size)
+        return self.num_layers * self.attention_params() + mlp + moe + self.expert_params()
 
     def embedding_params(self) -> int:
         """Input embedding plus the LM head (once if tied)."""
         return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
 
     def weight_bytes(self, dtype: str, tp: int) -> int:
-        """Weight bytes per GPU: linear layers in ``dtype`` (bf16 2 B, fp8 1 B), embeddings,
-        LM head and norms in bf16 (vLLM's FP8 checkpoints keep those in 16 bit); divided by TP
-        (vLLM shards the embedding and LM head by vocabulary too)."""
-        lin = self.linear_params() * (1 if dtype == "fp8" else 2)
+        """Weight bytes per GPU (experts sharded by TP, vLLM's default without expert parallel;
+        with ``--enable-expert-parallel`` the experts split over the same ranks, the same bytes).
+
+        Linear layers in ``dtype`` (bf16 2 B, fp8 1 B) unless the checkpoint itself is FP8
+        (``weight_format``); experts stored as MXFP4 take 4.25 bits a value (4-bit values plus one
+        8-bit scale per 32, the OCP MX format gpt-oss ships); embeddings, LM head and norms in bf16
+        (vLLM's FP8 checkpoints keep those in 16 bit). Divided by TP (vLLM shards the embedding and
+        LM head by vocabulary too; MLA's small down-projections, replicated in fact, are counted
+        as sharded: under 1 % of DeepSeek-R1's bytes).
+        """
+        fp8 = dtype == "fp8" or self.weight_format == "fp8"
+        per = 1 if fp8 else 2
+        experts = self.expert_params()
+        exp_bytes = experts * (4.25 / 8 if self.expert_format == "mxfp4" else
+                               1 if (fp8 or self.expert_format == "fp8") else 2)
+        lin = (self.linear_params() - experts) * per + exp_bytes
         rest = (self.embedding_params() + (2 * self.num_layers + 1) * self.hidden_size) * 2
-        return (lin + rest) // tp
+        return int(lin + rest) // tp
 
     def kv_bytes_per_token(self, tp: int, kv_dtype_bytes: int = 2) -> int:
-        """KV-cache bytes per token per GPU: 2 (K and V) x layers x KV heads/TP x head_dim x bytes."""
+        """KV-cache bytes per token per GPU if every layer kept every token: 2 (K and V) x layers x
+        KV heads/TP x head_dim x bytes; MLA: layers x (kv_lora_rank + qk_rope_head_dim) x bytes,
+        whatever the TP (every rank keeps the whole latent). Sliding-window layers are counted as
+        full here; :meth:`kv_block_bytes` is what vLLM's pool divides by."""
+        if self.is_mla:
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * kv_dtype_bytes
         return 2 * self.num_layers * max(1, self.num_kv_heads // tp) * self.head_dim * kv_dtype_bytes
+
+    def kv_block_bytes(self, tp: int, block_size: int = 16, kv_dtype_bytes: int = 2) -> int:
+        """Bytes of one block of vLLM's shared KV pool per GPU: what the available memory is divided
+        by to get ``num_gpu_blocks`` (``get_kv_cache_groups`` and ``_pool_bytes_per_block``,
+        vllm/v1/core/kv_cache_utils.py).
+
+        Every layer alike (dense, MoE, MLA): the sum of the layers' pages. Sliding-window beside
+        full-attention layers (gpt-oss): vLLM's hybrid allocator puts each kind in its own groups
+        of ``g`` layers (``g`` = the smaller count when the counts divide, as gpt-oss's 18 + 18),
+        and one block holds ``g`` pages, so the pool has ``layers / g`` times the blocks a
+        full-attention model would, shared by the groups.
+
+        Raises:
+            ValueError: sliding and full layer counts vLLM would group with padding (not modelled).
+        """
+        page = block_size * self.kv_bytes_per_token(tp, kv_dtype_bytes) // self.num_layers
+        full = self.num_layers - self.num_sliding_layers
+        if not self.num_sliding_layers or not full:
+            return page * self.num_layers
+        g = min(full, self.num_sliding_layers)
+        if full % g or self.num_sliding_layers % g:
+            raise ValueError(f"{self.architecture}: {full} full and {self.num_sliding_layers} sliding layers do "
+                             "not group evenly; synth models only counts that divide (as gpt-oss's)")
+        return page * g
 
 
 # ------------------------------------------------------ vLLM's scheduling
@@ -221,13 +351,14 @@ TP_COMM_GIB = 0.4
 class KVCapacity:
     """The KV-cache pool vLLM would allocate, with the arithmetic (all bytes per GPU).
 
-    ``tokens = floor((memory x gpu_memory_utilization - weights - activation - non_torch)
-    / kv_bytes_per_token)`` rounded down to whole blocks: vLLM's
-    ``determine_available_memory`` then ``get_kv_cache_configs`` (``vllm/v1/worker/gpu_worker.py``,
-    ``vllm/v1/core/kv_cache_utils.py``). Activation = the profile run's peak at
+    ``num_blocks = floor((memory x gpu_memory_utilization - weights - activation - non_torch)
+    / block_bytes)``: vLLM's ``determine_available_memory`` then ``get_kv_cache_configs``
+    (``vllm/v1/worker/gpu_worker.py``, ``vllm/v1/core/kv_cache_utils.py``), ``block_bytes`` from
+    :meth:`ModelDims.kv_block_bytes`. Activation = the profile run's peak at
     ``max_num_batched_tokens``: per token (4 x hidden + 3 x intermediate/TP) x 2 B (residual,
-    QKV/attention out, gate_up and the activated MLP input), plus the sampler's fp32 logits
-    for ``min(max_num_seqs, max_num_batched_tokens)`` rows (vocab/TP wide).
+    QKV/attention out, gate_up and the activated MLP input; for MoE the intermediate is the
+    routed experts' ``experts_per_token x moe_intermediate``, the fused-MoE workspace), plus the
+    sampler's fp32 logits for ``min(max_num_seqs, max_num_batched_tokens)`` rows (vocab/TP wide).
     """
 
     memory_bytes: int
@@ -238,9 +369,13 @@ class KVCapacity:
     kv_bytes_per_token: int
     block_size: int
     num_blocks: int
+    block_bytes: int = 0
 
     @property
     def tokens(self) -> int:
+        """Tokens the pool's blocks hold (for sliding-window + full models, blocks are shared by the
+        layer groups: a request uses full-attention blocks for its whole context and sliding ones
+        for the window only)."""
         return self.num_blocks * self.block_size
 
     @property
@@ -251,9 +386,10 @@ class KVCapacity:
     def arithmetic(self) -> str:
         """One line a reader can redo by hand (GiB with two decimals)."""
         g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        per_block = self.block_bytes or self.kv_bytes_per_token * self.block_size
         return (f"{g(self.memory_bytes)} x {self.utilization} - weights {g(self.weights_bytes)} - activation "
                 f"{g(self.activation_bytes)} - non-torch {g(self.non_torch_bytes)} = KV {g(self.kv_bytes)}; "
-                f"/ {self.kv_bytes_per_token:,} B per token = {self.kv_bytes // self.kv_bytes_per_token:,} tokens "
+                f"/ {per_block:,} B per block of {self.block_size} tokens "
                 f"-> {self.num_blocks:,} blocks x {self.block_size} = {self.tokens:,} tokens")
 
 
@@ -271,17 +407,18 @@ def kv_capacity(hw: Hardware, dims: ModelDims, dtype: str, tp: int, utilization:
     """
     mem = int(hw.memory_gib * GIB)
     weights = dims.weight_bytes(dtype, tp)
-    act_tok = (4 * dims.hidden_size + 3 * dims.intermediate_size // tp) * 2
+    inter = dims.experts_per_token * dims.moe_intermediate_size if dims.is_moe else dims.intermediate_size
+    act_tok = (4 * dims.hidden_size + 3 * inter // tp) * 2
     logits = min(max_num_seqs, max_num_batched_tokens) * (dims.vocab_size // tp) * 4
     act = max_num_batched_tokens * act_tok + logits
     non_torch = int((NON_TORCH_GIB + (TP_COMM_GIB if tp > 1 else 0.0)) * GIB)
     per_tok = dims.kv_bytes_per_token(tp)
+    per_block = dims.kv_block_bytes(tp, block_size)
     free = int(mem * utilization) - weights - act - non_torch
-    if free <= per_tok * block_size:
+    if free <= per_block:
         raise ValueError(f"no KV-cache memory left on {hw.name} at TP{tp}: weights {weights / GIB:.1f} GiB, "
                          f"budget {mem * utilization / GIB:.1f} GiB; raise --tp or --gpu-memory-utilization")
-    return KVCapacity(mem, utilization, weights, act, non_torch, per_tok, block_size,
-                      free // per_tok // block_size)
+    return KVCapacity(mem, utilization, weights, act, non_torch, per_tok, block_size, free // per_block, per_block)
 
 
 # ------------------------------------------------------------ estimator
@@ -484,6 +621,7 @@ class SynthSpec:
     block_size: int = 16
     num_steps: int = 12000
     seed: int = 0
+    expert_parallel: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -512,7 +650,8 @@ def synthesize(spec: SynthSpec, model=None, output_lengths: np.ndarray | None = 
     mml = spec.max_model_len or dims.max_position_embeddings
     kv = kv_capacity(hw, dims, spec.dtype, spec.tp, spec.gpu_memory_utilization, mnbt, mns, spec.block_size)
     aic_model = spec.aic_model or spec.model_dir
-    dep = Deployment(hw.name, aic_model, spec.dtype, spec.tp, mns, dims.num_layers, dims.hidden_size)
+    dep = Deployment(hw.name, aic_model, spec.dtype, spec.tp, mns, dims.num_layers, dims.hidden_size,
+                     spec.expert_parallel and dims.is_moe)
     aic = AicBreakdown(dep)
     shapes = step_shapes(mnbt, mns, mml, kv.tokens, spec.num_steps, spec.seed)
     feature_names = [f.name for f in dataclasses.fields(StepFeatures)]
@@ -533,22 +672,27 @@ def synthesize(spec: SynthSpec, model=None, output_lengths: np.ndarray | None = 
         "aic_system": hw.aic_system, "aic_backend_version": hw.aic_version,
         "device_name": f"{hw.name} (synthesized)", "hardware": hw.name,
         "model": Path(spec.model_dir).name, "aic_model": aic_model,
-        "model_dims": _fingerprint_dims(dims), "dtype": "bfloat16", "weight_dtype": spec.dtype,
+        "model_dims": _fingerprint_dims(dims), "model_family_dims": _family_dims(dims),
+        "dtype": "bfloat16", "weight_dtype": spec.dtype,
         "tensor_parallel_size": spec.tp, "block_size": spec.block_size, "num_kv_blocks": kv.num_blocks,
+        "expert_parallel": bool(spec.expert_parallel and dims.is_moe),
         "max_num_batched_tokens": mnbt, "max_num_seqs": mns, "max_model_len": mml,
         "enable_chunked_prefill": True, "enable_prefix_caching": True, "async_scheduling": True,
         "gpu_memory_utilization": spec.gpu_memory_utilization,
         "cudagraph_capture_sizes_max": aic.graph_sizes[-1] if aic.graph_sizes else 0,
         "vllm_version": "0.32.0 (scheduler); AIC kernel tables from vLLM " + hw.aic_version,
     }
-    warnings = coverage_warnings(model, dep, dims.linear_params() + dims.embedding_params())
+    warnings = coverage_warnings(model, dep, dims.linear_params() + dims.embedding_params(), moe=dims.is_moe,
+                                 mla=dims.is_mla, sliding=dims.num_sliding_layers > 0)
     _, band = band_for(model, dep)
     meta = {
         "estimate": True,
         # decode context and a prefill's cached prefix cost differently per token on a GPU:
         # mixed steps get their own oracle class and context tokens a coefficient
         # (held-out error with and without: emugate profile inspect on the profile)
-        "oracle": {"features": list(LINEAR_FEATURES), "split_mixed": True},
+        # MoE: the expected distinct experts of a step as one more feature (profiles.oracle.MOE_FEATURE)
+        "oracle": {"features": list(LINEAR_FEATURES) + ([MOE_FEATURE] if dims.is_moe else []), "split_mixed": True,
+                   **({"moe": [dims.num_experts, dims.experts_per_token]} if dims.is_moe else {})},
         "label": (f"ESTIMATE: step latencies synthesized from aiconfigurator-core's kernel tables and a step-time "
                   f"model fitted on real vLLM measurements, not recorded on this GPU; {error_band_text(model, dep)}"),
         "error_band": band, "coverage_warnings": warnings,
@@ -562,7 +706,23 @@ def synthesize(spec: SynthSpec, model=None, output_lengths: np.ndarray | None = 
 
 
 def _fingerprint_dims(d: ModelDims) -> dict[str, Any]:
-    """The same keys :func:`emu_executor.fingerprint.model_dims` records for a real capture."""
+    """The same keys :func:`emu_executor.fingerprint.model_dims` records for a real capture (the
+    executor compares them with the served model's)."""
     return {"architecture": d.architecture, "num_layers": d.num_layers, "hidden_size": d.hidden_size,
             "intermediate_size": d.intermediate_size, "num_attention_heads": d.num_heads,
-            "num_kv_heads": d.num_kv_heads, "head_dim": d.head_dim, "vocab_size": d.vocab_size}
+            "num_kv_heads": d.num_kv_heads,
+            # vLLM's get_head_size() for MLA is the cached latent's width
+            "head_dim": d.kv_lora_rank + d.qk_rope_head_dim if d.is_mla else d.head_dim, "vocab_size": d.vocab_size}
+
+
+def _family_dims(d: ModelDims) -> dict[str, Any]:
+    """The MoE / MLA / sliding-window dimensions of the model, for the fingerprint (empty for dense)."""
+    out: dict[str, Any] = {}
+    if d.is_moe:
+        out.update(num_experts=d.num_experts, experts_per_token=d.experts_per_token,
+                   moe_intermediate_size=d.moe_intermediate_size, expert_format=d.expert_format)
+    if d.is_mla:
+        out.update(kv_lora_rank=d.kv_lora_rank, qk_rope_head_dim=d.qk_rope_head_dim)
+    if d.num_sliding_layers:
+        out.update(num_sliding_layers=d.num_sliding_layers, sliding_window=d.sliding_window)
+    return out

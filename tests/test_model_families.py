@@ -336,3 +336,44 @@ extra_args = ["--enable-lora", "--lora-modules", "a0={adapters['a0']}", "a1={ada
             assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
         finally:
             gw.stop(grace_s=10)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "gpt-oss", "deepseek-v3"])
+def test_synth_kv_block_bytes_are_vllms_own_pool_divisor(model_dirs, family):
+    """``profile synth`` sizes a GPU's KV pool in blocks of ``ModelDims.kv_block_bytes``: for dense,
+    MoE, sliding+full (hybrid groups) and MLA configs that is the divisor vLLM's allocator uses for
+    the same config on its own code path (``pool_bytes_per_block`` over the layers vLLM reports)."""
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+
+    from emu_executor.executor import EmulatedExecutor, build_kv_cache_spec, pool_bytes_per_block
+    from profiles.synth import ModelDims
+    cfg = _config(model_dirs[family])
+    specs = build_kv_cache_spec(cfg)
+    resolve_kv_cache_layout(cfg, [EmulatedExecutor._rpc_get_supported_kv_cache_layouts(None)], list(specs.values()))
+    dims = ModelDims.from_config(model_dirs[family])
+    assert dims.kv_block_bytes(1, cfg.cache_config.block_size) == pool_bytes_per_block(cfg, specs)
+
+
+@pytest.mark.parametrize("model,profile", [("qwen3-30b-a3b", "h100-sxm_qwen3-30b-a3b"),
+                                           ("deepseek-r1", "h200_deepseek-r1_tp8")])
+def test_bundled_moe_and_mla_models_serve_with_their_profiles_kv_pool(model, profile):
+    """The bundled MoE (Qwen3-30B-A3B on an H100) and MLA + block-FP8 MoE (DeepSeek-R1 on 8 x H200)
+    models start in emulate mode on this CPU host (DeepSeek's FP8 layers have no CPU kernel here: the
+    KV specs come from the layers built unquantized), answer chat with their own tokenizer's chat
+    template, and hold exactly the KV blocks their synthesized profile says the GPU pool has."""
+    from profiles.assets import resolve_profile
+    from profiles.format import Profile
+    blocks = Profile.load(resolve_profile(profile)).fingerprint["num_kv_blocks"]
+    with vllm_server(f"bundled-{model}", ["--max-model-len", "4096"], profile=profile, model=model) as (url, _, log):
+        r = httpx.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 6, "ignore_eos": True,
+                                                           "messages": [{"role": "user", "content": "hello"}]},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+        # the chat template of the model's own tokenizer: Qwen's <|im_start|> turns or DeepSeek's <｜User｜>
+        tok = httpx.post(url + "/tokenize", json={"model": model, "messages": [{"role": "user", "content": "hello"}],
+                                                  "add_generation_prompt": True}, timeout=30).json()
+        assert tok["count"] == r.json()["usage"]["prompt_tokens"] and tok["count"] >= 3
+        info = next(ln for ln in httpx.get(url + "/metrics").text.splitlines()
+                    if ln.startswith("vllm:cache_config_info"))
+        assert f'num_gpu_blocks="{blocks}"' in info, info
+        assert "ESTIMATE" in log.read_text()
