@@ -334,8 +334,11 @@ class Supervisor:
             await asyncio.sleep(delay)
 
     def _tail(self, r: Replica) -> str:
+        """The replica's last 15 output lines for an error message, each cut at 400 characters (vLLM's
+        argparse usage line alone is ~10 kB and says nothing the error line after it does not)."""
         lines = list(r.process.tail) if r.process is not None else []
-        return "\n".join(f"    [{r.name}] {ln}" for ln in lines[-15:]) or "    (no output)"
+        cut = (lambda ln: ln if len(ln) <= 400 else ln[:400] + f" ... ({len(ln) - 400} more characters)")  # noqa: E731
+        return "\n".join(f"    [{r.name}] {cut(ln)}" for ln in lines[-15:]) or "    (no output)"
 
     def _fail(self, r: Replica, why: str) -> None:
         r.state = "failed"

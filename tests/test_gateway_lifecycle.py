@@ -62,6 +62,9 @@ max_model_len = 2048
         wait_for(lambda: status_of(url + "/ready?model=" + MODEL) == 200, 300, what="the good backend")
         wait_for(lambda: httpx.get(url + "/health").json()["models"]["bad-model"] == ["failed"], 180,
                  what="the bad replica to be marked failed")
+        # the error record is written after the state flips; wait for the quoted complaint to reach the file
+        wait_for(lambda: "no-such-vllm-flag" in (log.read_text().split("failed to start", 1) + [""])[1], 30,
+                 what="vLLM's own complaint quoted in the gateway's error")
         text = log.read_text()
         assert re.search(r"bad/0 \(backend bad\) failed to start: vLLM exited with code \d+ 2 times", text)
         assert "no-such-vllm-flag" in text.split("failed to start", 1)[1]  # vLLM's own complaint, quoted
