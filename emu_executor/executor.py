@@ -632,10 +632,28 @@ class EmulatedExecutor(Executor):
         return LogprobsTensors(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(ranks))
 
     def _logprobs(self, req_ids: list[str], sampled: list[list[int]], width: int) -> LogprobsLists:
-        ids = np.zeros((len(req_ids), width), dtype=np.int32)
-        lps = np.zeros((len(req_ids), width), dtype=np.float32)
+        """Sampled-token logprob rows, ``width`` wide (the sampled token, then the top ones).
+
+        One row per request when every request emits at most one token (vLLM's layout without
+        speculative decoding); with speculative decoding one row per emitted token, requests one after
+        the other, and ``cu_num_generated_tokens`` the row where each request starts, as vLLM's GPU
+        runner lays them out (``LogprobsLists.slice_request``, vllm/v1/outputs.py).
+        """
+        if self.spec is None:
+            ids = np.zeros((len(req_ids), width), dtype=np.int32)
+            lps = np.zeros((len(req_ids), width), dtype=np.float32)
+            for i, (rid, toks) in enumerate(zip(req_ids, sampled)):
+                if toks:
+                    row_ids, row_lps = self.tokens.logprob_row(self.token_state.get(rid), toks[0], width)
+                    ids[i], lps[i] = row_ids, row_lps
+            return LogprobsLists(ids, lps, np.ones(len(req_ids), dtype=np.int32), None)
+        starts = [0]
+        for toks in sampled:
+            starts.append(starts[-1] + len(toks))
+        ids = np.zeros((starts[-1], width), dtype=np.int32)
+        lps = np.zeros((starts[-1], width), dtype=np.float32)
         for i, (rid, toks) in enumerate(zip(req_ids, sampled)):
-            if toks:
-                row_ids, row_lps = self.tokens.logprob_row(self.token_state.get(rid), toks[0], width)
-                ids[i], lps[i] = row_ids, row_lps
-        return LogprobsLists(ids, lps, np.ones(len(req_ids), dtype=np.int32), None)
+            st = self.token_state.get(rid)
+            for j, tok in enumerate(toks):
+                ids[starts[i] + j], lps[starts[i] + j] = self.tokens.logprob_row(st, tok, width)
+        return LogprobsLists(ids, lps, np.ones(starts[-1], dtype=np.int32), starts)

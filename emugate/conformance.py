@@ -49,21 +49,26 @@ ENGINE_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "mistral", "--
 
 
 @contextlib.contextmanager
-def started_pair(log_dir: str | Path, emu_env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+def started_pair(log_dir: str | Path, emu_env: dict[str, str] | None = None, model: str = MODEL,
+                 engine_args: list[str] | None = None, served_model_name: str | None = None,
+                 max_model_len: int = 2048, label: str = "conformance") -> Iterator[tuple[str, str]]:
     """A real vLLM-CPU server (dummy weights) and an emulated one with the same engine arguments.
 
     Yields (real URL, emulated URL) once both are healthy; stops both on exit.
     ``emu_env``: extra environment for the emulated server (e.g. ``PYTHONPATH``
-    of an older source tree, to measure it).
+    of an older source tree, to measure it). ``model`` / ``engine_args`` / ``served_model_name``:
+    another model directory and its vLLM arguments (the model families, :func:`started_family_pair`);
+    the emulated server always runs the bundled CPU profile (its step times do not matter here).
     """
-    common = dict(model=MODEL, dtype="bfloat16", max_model_len=2048)
-    real = BackendConfig(name="conformance-real", mode="real", load_format="dummy",
-                         extra_args=ENGINE_ARGS + ["--gpu-memory-utilization", "0.3"], **common)
-    emu = BackendConfig(name="conformance-emu", mode="emulate", profile=PROFILE, extra_args=ENGINE_ARGS,
+    args = ENGINE_ARGS if engine_args is None else list(engine_args)
+    common = dict(model=model, dtype="bfloat16", max_model_len=max_model_len, served_model_name=served_model_name)
+    real = BackendConfig(name=f"{label}-real", mode="real", load_format="dummy",
+                         extra_args=args + ["--gpu-memory-utilization", "0.3"], **common)
+    emu = BackendConfig(name=f"{label}-emu", mode="emulate", profile=PROFILE, extra_args=args,
                         env=dict(emu_env or {}), **common)
     log_dir = Path(log_dir)
-    with started_backend(real, log_dir / "conformance-real.log") as (real_url, rp), \
-            started_backend(emu, log_dir / "conformance-emu.log") as (emu_url, ep):
+    with started_backend(real, log_dir / f"{label}-real.log") as (real_url, rp), \
+            started_backend(emu, log_dir / f"{label}-emu.log") as (emu_url, ep):
         wait_healthy(real_url, rp, timeout_s=600)
         wait_healthy(emu_url, ep, timeout_s=600)
         yield real_url, emu_url
@@ -196,6 +201,132 @@ def corpus() -> list[Case]:
     for c in cases:
         if c.body is not None:
             c.body = {k: v for k, v in c.body.items() if v is not None}
+    return cases
+
+
+# ------------------------------------------------------------------ model families
+@dataclass(frozen=True)
+class Family:
+    """A model family the differential suite runs on a tiny model of that architecture
+    (:mod:`emugate.tiny_models`): vLLM-CPU serves it for real with dummy weights, emulate mode beside it."""
+
+    name: str
+    tiny_model: str
+    engine_args: tuple[str, ...] = ()
+    what: str = ""
+
+
+_NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+#: The families run, with what each adds to the corpus.
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("moe", "qwen3-moe", (), "Qwen3-MoE: 8 experts top-2"),
+    Family("mla", "deepseek-v3-cpu", (), "DeepSeek-V3: MLA (latent 512 + 64) and MoE with a shared expert"),
+    Family("sliding-window", "gpt-oss", (), "gpt-oss: sliding-window layers with attention sinks, MoE"),
+    Family("spec-decode", "llama", ("--speculative-config", _NGRAM, "--no-async-scheduling"),
+           "n-gram speculative decoding, k = 3: several tokens per step and per streamed chunk"),
+    Family("lora", "llama", ("--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"),
+           "two LoRA adapters named in model, an unknown adapter"),
+    Family("embeddings", "qwen3-embedding", ("--runner", "pooling"),
+           "a pooling model: /v1/embeddings, float and base64, lists and token ids, bad input"),
+)}
+#: Families not run against real vLLM-CPU, and why.
+NOT_RUN: dict[str, str] = {
+    "hybrid (Mamba / linear attention)": "emulate mode refuses these models at start (no MambaSpec state, "
+                                         "tests/test_model_families.py checks the refusal), so there is nothing "
+                                         "to compare",
+}
+#: LoRA adapters of the ``lora`` family: name -> rank.
+LORA_ADAPTERS = {"ad-one": 8, "ad-two": 4}
+
+
+def write_tiny_adapter(root: str | Path, name: str, model_dir: str | Path, rank: int) -> Path:
+    """A LoRA adapter for a tiny Llama model that real vLLM-CPU can load: ``adapter_config.json`` plus
+    ``adapter_model.safetensors`` with zero A/B matrices for q_proj and v_proj (PEFT's key names).
+    Emulate mode reads only the config. Returns the directory."""
+    import torch
+    from safetensors.torch import save_file
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    head = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    outs = {"q_proj": cfg["num_attention_heads"] * head, "v_proj": cfg["num_key_value_heads"] * head}
+    d = Path(root) / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none", "lora_dropout": 0.0,
+        "target_modules": sorted(outs), "base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM"}))
+    tensors = {}
+    for i in range(layers):
+        for mod, out in outs.items():
+            pre = f"base_model.model.model.layers.{i}.self_attn.{mod}"
+            tensors[f"{pre}.lora_A.weight"] = torch.zeros(rank, h, dtype=torch.bfloat16)
+            tensors[f"{pre}.lora_B.weight"] = torch.zeros(out, rank, dtype=torch.bfloat16)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    return d
+
+
+@contextlib.contextmanager
+def started_family_pair(family: str, work_dir: str | Path, log_dir: str | Path) -> Iterator[tuple[str, str]]:
+    """:func:`started_pair` for one of :data:`FAMILIES`: its tiny model (and adapters) written under
+    ``work_dir``, served as ``tiny-<family>`` by both servers.
+
+    Raises:
+        KeyError: unknown family.
+    """
+    from emugate.tiny_models import write_tiny_model
+    f = FAMILIES[family]
+    model = write_tiny_model(f.tiny_model, Path(work_dir) / family)
+    args = list(f.engine_args)
+    if family == "lora":
+        args += ["--lora-modules", *[f"{n}={write_tiny_adapter(Path(work_dir) / family, n, model, r)}"
+                                     for n, r in LORA_ADAPTERS.items()]]
+    with started_pair(log_dir, model=str(model), engine_args=args, served_model_name=f"tiny-{family}",
+                      max_model_len=1024, label=f"conformance-{family}") as pair:
+        yield pair
+
+
+def family_corpus(family: str) -> list[Case]:
+    """The cases of one family (:data:`FAMILIES`), for the model served as ``tiny-<family>``."""
+    m = f"tiny-{family}"
+    msg = [{"role": "user", "content": "Name three colours."}]
+    if family == "embeddings":
+        e = "/v1/embeddings"
+        return [Case("models", "/v1/models", method="GET"),
+                Case("embeddings float", e, {"model": m, "input": "hello world"}),
+                Case("embeddings list of 3", e, {"model": m, "input": ["a", "bb cc", "the quick brown fox"]}),
+                Case("embeddings base64", e, {"model": m, "input": "hello", "encoding_format": "base64"}),
+                Case("embeddings token ids", e, {"model": m, "input": [1000, 2000, 3000]}),
+                Case("embeddings list of token id lists", e, {"model": m, "input": [[1000, 2000], [3000]]}),
+                Case("embeddings dimensions", e, {"model": m, "input": "hi", "dimensions": 32}),
+                Case("bad: embeddings encoding_format", e, {"model": m, "input": "hi", "encoding_format": "hex"}),
+                Case("bad: embeddings no input", e, {"model": m}),
+                Case("bad: embeddings unknown model", e, {"model": "nope", "input": "hi"}),
+                Case("bad: chat on a pooling model", "/v1/chat/completions",
+                     {"model": m, "messages": msg, "max_tokens": 4}),
+                Case("tokenize", "/tokenize", {"model": m, "prompt": "hello world"})]
+    names = [m] if family != "lora" else list(LORA_ADAPTERS)
+    cases = [Case("models", "/v1/models", method="GET")]
+    for name in names:
+        tag = "" if name == m else f" {name}"
+        chat = {"model": name, "messages": msg, "max_tokens": 12, "ignore_eos": True}
+        cmpl = {"model": name, "prompt": "a b c a b c a b c a b c", "max_tokens": 16, "ignore_eos": True}
+        cases += [
+            Case(f"chat{tag}", "/v1/chat/completions", chat),
+            Case(f"chat stream{tag}", "/v1/chat/completions",
+                 {**chat, "stream": True, "stream_options": {"include_usage": True}}),
+            Case(f"completion logprobs{tag}", "/v1/completions", {**cmpl, "logprobs": 2}),
+            Case(f"completion stream continuous_usage_stats{tag}", "/v1/completions",
+                 {**cmpl, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+            Case(f"completion n=2{tag}", "/v1/completions", {**cmpl, "n": 2}),
+        ]
+    cases.append(Case("tokenize chat", "/tokenize", {"model": m, "messages": msg}))
+    if family == "lora":
+        cases += [Case("bad: unknown adapter", "/v1/completions", {"model": "no-such-adapter", "prompt": "x",
+                                                                    "max_tokens": 2}),
+                  Case("bad: unload unknown adapter", "/v1/unload_lora_adapter", {"lora_name": "no-such-adapter"})]
+    if family == "spec-decode":
+        cases.append(Case("completion stream long", "/v1/completions",
+                          {"model": m, "prompt": "one two three one two three one two three", "max_tokens": 48,
+                           "ignore_eos": True, "stream": True}))
     return cases
 
 

@@ -9,74 +9,20 @@ is with vLLM's own code path for that architecture on this host.
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import pytest
 
 from conftest import start_gateway, status_of, vllm_server, wait_for
 from gateway.launch import free_port
-from profiles.assets import resolve_model_dir
+from emugate.tiny_models import CONFIGS, write_tiny_model
 
 pytestmark = pytest.mark.e2e  # builds vLLM configs and models in-process, and starts a vLLM server
 
-_BASE = {"vocab_size": 128256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
-         "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False, "hidden_act": "silu"}
-#: Tiny configs with each architecture's real keys (the shapes of the released config.json files, scaled down).
-CONFIGS = {
-    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-              "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
-              "rope_theta": 500000},
-    "qwen3-moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 256,
-                  "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 3,
-                  "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_experts": 8,
-                  "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [], "rope_theta": 1e6,
-                  "norm_topk_prob": True},
-    "gpt-oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 256,
-                "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "experts_per_token": 2,
-                "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 2,
-                "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
-                                                       "beta_slow": 1.0, "truncate": False,
-                                                       "original_max_position_embeddings": 4096},
-                "swiglu_limit": 7.0, "attention_bias": True},
-    "deepseek-v3": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 256,
-                    "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 3,
-                    "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
-                    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1,
-                    "topk_group": 1, "kv_lora_rank": 64, "q_lora_rank": 96, "qk_nope_head_dim": 32,
-                    "qk_rope_head_dim": 16, "v_head_dim": 32, "rope_theta": 10000, "moe_layer_freq": 1,
-                    "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-                    "norm_topk_prob": True},
-    "qwen3-next": {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 256,
-                   "intermediate_size": 512, "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128,
-                   "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-                   "num_experts": 8, "num_experts_per_tok": 2, "full_attention_interval": 4,
-                   "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 32,
-                   "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "rope_theta": 10000,
-                   "partial_rotary_factor": 0.25, "decoder_sparse_step": 1, "mlp_only_layers": []},
-    "qwen3-embedding": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
-                        "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-                        "num_key_value_heads": 2, "head_dim": 64, "rope_theta": 1e6},
-    "bert": {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 256, "intermediate_size": 512,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512, "type_vocab_size": 2,
-             "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0},
-}
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    tok = resolve_model_dir("llama-3.1-8b")
     root = tmp_path_factory.mktemp("families")
-    out = {}
-    for name, cfg in CONFIGS.items():
-        d = root / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({**_BASE, **cfg}, indent=1))
-        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-            shutil.copy(tok / f, d / f)
-        out[name] = d
-    return out
+    return {name: write_tiny_model(name, root) for name in CONFIGS}
 
 
 def _config(model_dir, max_model_len: int = 512, **kw):
