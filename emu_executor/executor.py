@@ -74,10 +74,13 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
       is not sharded by TP (one KV head, ``max_tp_shards=1``), so the TP1 spec is every rank's.
       Pooling models at TP1 take this path too (encoder-only attention has no KV cache).
 
+    * Mamba / linear-attention hybrids and attention-free models at TP1: vLLM's own layers too
+      (``MambaSpec`` state beside the attention specs), after the attention block size is aligned
+      to the state's page as vLLM does on a GPU (:func:`align_hybrid_block_size_as_on_gpu`).
+
     Raises:
-        NotImplementedError: Mamba / linear-attention hybrids and attention-free models (their
-            state specs and the hybrid allocator's capacity are not emulated yet); the message
-            names the architecture and what is missing.
+        NotImplementedError: a hybrid or attention-free model at TP > 1 (its per-rank state shapes
+            are not built); the message names the architecture and what is missing.
     """
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
@@ -85,13 +88,21 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
     arch = ", ".join(getattr(mc.hf_config, "architectures", None) or [type(mc.hf_config).__name__])
-    if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+    stateful = getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False)
+    if stateful and pc.tensor_parallel_size == 1:
+        # Mamba / linear-attention state (MambaSpec) beside attention: only vLLM's layers know its shape;
+        # the attention block size is first aligned to the state's page as on a GPU
+        if getattr(mc, "is_hybrid", False):
+            align_hybrid_block_size_as_on_gpu(vllm_config)
+        return specs_from_vllm_layers(vllm_config)
+    if stateful:
         kind = "an attention-free model" if getattr(mc, "is_attention_free", False) else \
             "a hybrid attention + Mamba/linear-attention model"
         raise NotImplementedError(
-            f"emulate mode cannot serve {mc.model} ({arch}): it is {kind}, and emulate mode does not "
-            "build its recurrent-state KV specs (MambaSpec) or size the hybrid KV pool yet. Serve it with "
-            "mode = \"real\", or emulate an attention-only model of similar size.")
+            f"emulate mode cannot serve {mc.model} ({arch}) at tensor parallel "
+            f"{pc.tensor_parallel_size}: it is {kind}, and emulate mode builds its recurrent-state KV "
+            "specs (MambaSpec) at TP1 only. Serve it at --tensor-parallel-size 1 with a profile of the "
+            "TP you run, or with mode = \"real\".")
     if mc.use_mla or (mc.runner_type == "pooling" and pc.tensor_parallel_size == 1):
         # pooling models: encoder-only attention (BERT-like) keeps no KV cache, which only the layers know
         return specs_from_vllm_layers(vllm_config)
@@ -115,6 +126,38 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
             specs[name] = FullAttentionSpec(block_size=block, num_kv_heads=kv_heads, head_size=head,
                                             dtype=dtype)
     return specs
+
+
+def align_hybrid_block_size_as_on_gpu(vllm_config) -> None:
+    """Set the attention block size of a hybrid (attention + Mamba/linear-attention) model as vLLM does
+    on an NVIDIA GPU, and pad the state page to the attention page.
+
+    vLLM's GPU worker calls ``Platform.update_block_size_for_backend`` once its layers exist, which for
+    hybrids runs ``_align_hybrid_block_size`` (vllm/platforms/interface.py): the attention block grows
+    to the smallest multiple of the attention kernel's block alignment whose page holds the largest
+    Mamba state page, then the state page is padded to equal it. Emulate mode builds no layers in
+    the engine and vLLM-CPU's attention backend aligns differently, so the same vLLM function is run
+    here with the GPU backend's alignment: FlashAttention's kernel block sizes, ``MultipleOf(16)``
+    (vllm/v1/attention/backends/flash_attn.py); MLA hybrids get vLLM's 128 floor inside it.
+    """
+    from vllm.platforms.interface import Platform
+    from vllm.v1.attention.backend import AttentionBackend, MultipleOf
+
+    class _GpuAttention(AttentionBackend):  # only the two class methods the alignment reads
+        @staticmethod
+        def get_supported_kernel_block_sizes(kv_cache_spec=None):
+            return [MultipleOf(16)]
+
+    class _GpuPlatform(Platform):
+        @classmethod
+        def _find_non_ssm_backends(cls, vllm_config):
+            return [_GpuAttention]
+
+    before = vllm_config.cache_config.block_size
+    _GpuPlatform._align_hybrid_block_size(vllm_config, _GpuAttention)
+    cc = vllm_config.cache_config
+    logger.info("emugate: hybrid model: attention block size %d -> %d tokens, state page padded to %s bytes "
+                "(as vLLM aligns them on a GPU)", before, cc.block_size, cc.mamba_page_size_padded)
 
 
 def on_meta_model(vllm_config, fn: Callable[[Any, Any], Any]) -> Any:

@@ -114,7 +114,13 @@ def _make_platform():
             # the CPU platform turns chunked prefill and prefix caching off for MLA models (CPU_MLA
             # lacks them, vllm/platforms/cpu.py); the GPU keeps them, so the emulated engine does
             chunked, caching, mnbt = sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens
+            # vLLM-CPU forces float32 SSM state for its GDN kernel (vllm/platforms/cpu.py); a GPU keeps the
+            # configured dtype ("auto": the model's), which sets the state page and so the KV pool
+            ssm_dtype = getattr(cc, "mamba_ssm_cache_dtype", None)
             super().check_and_update_config(vllm_config)
+            if ssm_dtype is not None and cc.mamba_ssm_cache_dtype != ssm_dtype:
+                cc.mamba_ssm_cache_dtype = ssm_dtype
+                logger.info("emugate platform: mamba_ssm_cache_dtype=%s kept (as on a GPU)", ssm_dtype)
             mc = vllm_config.model_config
             restored_mla = mc is not None and mc.use_mla and (
                 sc.enable_chunked_prefill, cc.enable_prefix_caching) != (chunked, caching)

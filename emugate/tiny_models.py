@@ -5,7 +5,8 @@ Used where a family has to run on this CPU host: by the model-family tests (KV s
 own layers) and by the differential conformance of the families (``emugate/conformance.py``), where
 vLLM-CPU runs them for real with ``--load-format dummy``. ``deepseek-v3-cpu`` keeps DeepSeek-V3's
 real MLA widths (``kv_lora_rank`` 512, ``qk_rope_head_dim`` 64): vLLM-CPU's MLA kernel supports only
-that latent (576), so the smaller ``deepseek-v3`` runs on the meta device only.
+that latent (576), so the smaller ``deepseek-v3`` runs on the meta device only; ``qwen3-next-cpu``
+keeps Qwen3-Next's 128-wide linear-attention heads for the same reason (vLLM-CPU's GDN kernel).
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ CONFIGS = {
 }
 
 
+#: Qwen3-Next with its real linear-attention head widths (128): vLLM-CPU's GDN kernel takes no other.
+CONFIGS["qwen3-next-cpu"] = {**CONFIGS["qwen3-next"], "linear_key_head_dim": 128, "linear_value_head_dim": 128}
 CONFIGS["deepseek-v3-cpu"] = {**CONFIGS["deepseek-v3"], "kv_lora_rank": 512, "qk_rope_head_dim": 64,
                                "qk_nope_head_dim": 64, "v_head_dim": 64}
 

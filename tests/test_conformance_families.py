@@ -31,4 +31,4 @@ def test_emulate_mode_answers_each_familys_cases_as_real_vllm_does(family, tmp_p
 
 def test_families_not_run_say_why():
     assert NOT_RUN and all(len(why) > 40 for why in NOT_RUN.values())
-    assert {"moe", "mla", "spec-decode", "lora", "embeddings"} <= set(FAMILIES)
+    assert {"moe", "mla", "spec-decode", "lora", "embeddings", "hybrid"} <= set(FAMILIES)

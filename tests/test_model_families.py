@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 
 import httpx
+import numpy as np
 import pytest
+import torch
 
 from conftest import start_gateway, status_of, vllm_server, wait_for
 from gateway.launch import free_port
@@ -86,10 +88,55 @@ def test_kv_pool_holds_exactly_the_profiles_blocks_for_uniform_and_hybrid_groups
         assert kvc.num_blocks == 777, (family, kvc.num_blocks)
 
 
-def test_hybrid_models_are_refused_with_their_name_and_what_is_missing(model_dirs):
+def test_hybrid_models_get_vllms_state_specs_with_the_gpus_block_alignment(model_dirs):
+    """Qwen3-Next (gated delta net + attention): the specs are vLLM's own layers' (MambaSpec state beside
+    FullAttentionSpec), after the attention block is aligned as vLLM does on a GPU: the smallest
+    multiple of FlashAttention's 16 whose attention page holds the state page, the state page padded
+    to it, so every layer's page is the same and vLLM's allocator takes them as one pool."""
+    from vllm.utils.math_utils import cdiv
+
     from emu_executor.executor import build_kv_cache_spec
-    with pytest.raises(NotImplementedError, match=r"Qwen3NextForCausalLM.*hybrid.*MambaSpec.*mode = \"real\""):
-        build_kv_cache_spec(_config(model_dirs["qwen3-next"]))
+    cfg = _config(model_dirs["qwen3-next"], block_size=16)
+    specs = build_kv_cache_spec(cfg)
+    kinds = [type(s).__name__ for s in specs.values()]
+    assert kinds.count("MambaSpec") == 3 and kinds.count("FullAttentionSpec") == 1, kinds
+    attn = next(s for s in specs.values() if type(s).__name__ == "FullAttentionSpec")
+    mamba = next(s for s in specs.values() if type(s).__name__ == "MambaSpec")
+    per_token = attn.page_size_bytes // attn.block_size
+    raw_state = sum(int(np.prod(sh)) * torch.tensor([], dtype=dt).element_size()
+                    for sh, dt in zip(mamba.shapes, mamba.dtypes))
+    assert attn.block_size == 16 * cdiv(raw_state, 16 * per_token)  # GPU alignment, not vLLM-CPU's
+    assert len({s.page_size_bytes for s in specs.values()}) == 1
+    assert cfg.cache_config.block_size == attn.block_size
+
+
+def test_hybrid_models_above_tp1_are_refused_with_their_name_and_what_is_missing(model_dirs):
+    from emu_executor.executor import build_kv_cache_spec
+    cfg = _config(model_dirs["qwen3-next"])
+    cfg.parallel_config.tensor_parallel_size = 2
+    with pytest.raises(NotImplementedError, match=r"Qwen3NextForCausalLM.*tensor parallel 2.*MambaSpec.*TP1"):
+        build_kv_cache_spec(cfg)
+
+
+def test_a_hybrid_model_is_served_with_its_state_pool(model_dirs):
+    """Qwen3-Next in emulate mode: chat and streaming, the 100 blocks asked for, the attention block
+    size aligned as on a GPU, and the SSM state dtype the GPU would keep (vLLM-CPU would force float32)."""
+    d = model_dirs["qwen3-next"]
+    with vllm_server("emulated-hybrid", ["--max-model-len", "1024", "--num-gpu-blocks-override", "100"],
+                     profile=None, step_ms=2.0, model=str(d)) as (url, _, log):
+        r = httpx.post(url + "/v1/chat/completions", json={"model": str(d), "max_tokens": 8, "ignore_eos": True,
+                                                           "messages": [{"role": "user", "content": "hi"}]},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
+        with httpx.stream("POST", url + "/v1/completions", json={
+                "model": str(d), "prompt": "x " * 100, "max_tokens": 5, "ignore_eos": True, "stream": True},
+                timeout=60) as s:
+            assert sum(ln.startswith("data: {") for ln in s.iter_lines()) >= 5
+        info = next(ln for ln in httpx.get(url + "/metrics").text.splitlines()
+                    if ln.startswith("vllm:cache_config_info"))
+        assert 'num_gpu_blocks="100"' in info and 'mamba_ssm_cache_dtype="auto"' in info, info
+        text = log.read_text()
+        assert "hybrid model: attention block size 16 ->" in text and "as vLLM aligns them on a GPU" in text
 
 
 def test_an_mla_model_is_served_with_chunked_prefill_and_prefix_caching_as_on_a_gpu(model_dirs):
