@@ -67,7 +67,8 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
     * plain attention models (the common case; any TP): built from the config. Layer kinds come
       from ``hf_config.layer_types`` ("sliding_attention" / "full_attention") when present, else
       all layers are sliding when ``hf_config.sliding_window`` is set, else full attention
-      (``FullAttentionSpec`` / ``SlidingWindowSpec`` with the per-rank KV heads);
+      (``FullAttentionSpec`` / ``SlidingWindowSpec`` with the per-rank KV heads); Llama 4's RoPE layers
+      are ``ChunkedLocalAttentionSpec`` (``attention_chunk_size``), its NoPE layers full attention;
     * MLA models (DeepSeek-V2/V3/R1, Kimi-K2...): vLLM's own layers are asked, as
       ``GPUModelRunner.get_kv_cache_spec`` (vllm/v1/worker/gpu_model_runner.py) does, after
       building the model on the meta device (:func:`specs_from_vllm_layers`). MLA's latent cache
@@ -83,7 +84,7 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
             are not built); the message names the architecture and what is missing.
     """
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+    from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
@@ -114,12 +115,19 @@ def build_kv_cache_spec(vllm_config) -> dict[str, Any]:
     block = vllm_config.cache_config.block_size
     window = getattr(hf, "sliding_window", None)
     layer_types = getattr(hf, "layer_types", None)
+    # Llama 4: layers that use RoPE attend within chunks of attention_chunk_size tokens, the NoPE
+    # layers (no_rope_layers[i] == 0) attend globally (vllm/model_executor/models/llama4.py)
+    chunk = getattr(hf, "attention_chunk_size", None)
+    no_rope = getattr(hf, "no_rope_layers", None) or []
     specs: dict[str, Any] = {}
     for i in range(n_layers):
         sliding = bool(window) and (
             layer_types is None or (i < len(layer_types) and layer_types[i] == "sliding_attention"))
         name = f"model.layers.{i}.self_attn.attn"
-        if sliding:
+        if chunk and i < len(no_rope) and no_rope[i]:
+            specs[name] = ChunkedLocalAttentionSpec(block_size=block, num_kv_heads=kv_heads, head_size=head,
+                                                    dtype=dtype, attention_chunk_size=int(chunk))
+        elif sliding:
             specs[name] = SlidingWindowSpec(block_size=block, num_kv_heads=kv_heads, head_size=head,
                                             dtype=dtype, sliding_window=int(window))
         else:

@@ -58,6 +58,12 @@ CONFIGS = {
 }
 
 
+CONFIGS["llama4"] = {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "hidden_size": 256,
+                     "intermediate_size": 512, "intermediate_size_mlp": 512, "num_hidden_layers": 4,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_local_experts": 4,
+                     "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "attention_chunk_size": 128,
+                     "no_rope_layers": [1, 1, 1, 0], "use_qk_norm": True, "rope_theta": 500000,
+                     "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1}
 #: Qwen3-Next with its real linear-attention head widths (128): vLLM-CPU's GDN kernel takes no other.
 CONFIGS["qwen3-next-cpu"] = {**CONFIGS["qwen3-next"], "linear_key_head_dim": 128, "linear_value_head_dim": 128}
 CONFIGS["deepseek-v3-cpu"] = {**CONFIGS["deepseek-v3"], "kv_lora_rank": 512, "qk_rope_head_dim": 64,

@@ -113,8 +113,9 @@ class ModelDims:
       ``first_k_dense_replace`` dense layers first);
     * MLA (``kv_lora_rank`` > 0, DeepSeek-V2/V3/R1): one compressed latent of
       ``kv_lora_rank + qk_rope_head_dim`` values per token and layer, not split by TP;
-    * sliding-window layers beside full attention (``layer_types`` of gpt-oss):
-      ``num_sliding_layers`` of them, window ``sliding_window`` tokens.
+    * local-attention layers beside full attention: gpt-oss's sliding-window layers (``layer_types``,
+      window ``sliding_window`` tokens) or Llama 4's chunked-local ones (its RoPE layers,
+      ``attention_chunk_size``): ``num_sliding_layers`` of them, a group of their own in vLLM's pool.
 
     ``weight_format`` / ``expert_format`` are the checkpoint's storage of the linear layers and of
     the experts: ``bf16``, ``fp8`` (DeepSeek-R1's block-FP8 ``quantization_config``) or ``mxfp4``
@@ -190,7 +191,10 @@ class ModelDims:
             qk_nope_head_dim=int(cfg.get("qk_nope_head_dim") or 0) if mla else 0,
             v_head_dim=int(cfg.get("v_head_dim") or 0) if mla else 0,
             q_lora_rank=int(cfg.get("q_lora_rank") or 0) if mla else 0,
-            num_sliding_layers=sum(t == "sliding_attention" for t in cfg.get("layer_types") or []),
+            # local layers: gpt-oss's sliding-window ones, or Llama 4's chunked ones (its RoPE layers)
+            num_sliding_layers=sum(t == "sliding_attention" for t in cfg.get("layer_types") or [])
+            or (sum(1 for x in (cfg.get("no_rope_layers") or [])[:layers] if x) if cfg.get("attention_chunk_size")
+                else 0),
             sliding_window=int(cfg.get("sliding_window") or 0) if "sliding_attention" in kinds else 0,
             weight_format="fp8" if quant == "fp8" else "bf16",
             expert_format={"fp8": "fp8", "mxfp4": "mxfp4"}.get(quant, "bf16"),

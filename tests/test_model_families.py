@@ -35,13 +35,15 @@ def _config(model_dir, max_model_len: int = 512, **kw):
 
 def _key(s) -> tuple:
     return (type(s).__name__, s.block_size, getattr(s, "num_kv_heads", None), getattr(s, "head_size", None),
-            str(getattr(s, "dtype", None)), getattr(s, "sliding_window", None), s.page_size_bytes)
+            str(getattr(s, "dtype", None)), getattr(s, "sliding_window", None),
+            getattr(s, "attention_chunk_size", None), s.page_size_bytes)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "gpt-oss"])
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "gpt-oss", "llama4"])
 def test_config_built_specs_equal_vllms_own_layers(model_dirs, family):
-    """Plain-attention families (dense, MoE, sliding window with sinks): the specs built from the
-    config equal what vLLM's own layers report, layer by layer (kind, block, heads, dtype, window, page)."""
+    """Plain-attention families (dense, MoE, sliding window with sinks, Llama 4's chunked local
+    attention): the specs built from the config equal what vLLM's own layers report, layer by layer
+    (kind, block, heads, dtype, window or chunk, page)."""
     from emu_executor.executor import build_kv_cache_spec, specs_from_vllm_layers
     cfg = _config(model_dirs[family])
     ours, vllms = build_kv_cache_spec(cfg), specs_from_vllm_layers(cfg)
@@ -49,6 +51,8 @@ def test_config_built_specs_equal_vllms_own_layers(model_dirs, family):
     assert [_key(s) for s in ours.values()] == [_key(s) for s in vllms.values()]
     if family == "gpt-oss":
         assert [type(s).__name__ for s in ours.values()] == ["SlidingWindowSpec", "FullAttentionSpec"] * 2
+    if family == "llama4":
+        assert [type(s).__name__ for s in ours.values()] == ["ChunkedLocalAttentionSpec"] * 3 + ["FullAttentionSpec"]
 
 
 def test_mla_specs_are_vllms_latent_cache(model_dirs):
@@ -331,7 +335,7 @@ extra_args = ["--enable-lora", "--lora-modules", "a0={adapters['a0']}", "a1={ada
             gw.stop(grace_s=10)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "gpt-oss", "deepseek-v3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe", "gpt-oss", "deepseek-v3", "llama4"])
 def test_synth_kv_block_bytes_are_vllms_own_pool_divisor(model_dirs, family):
     """``profile synth`` sizes a GPU's KV pool in blocks of ``ModelDims.kv_block_bytes``: for dense,
     MoE, sliding+full (hybrid groups) and MLA configs that is the divisor vLLM's allocator uses for
