@@ -677,7 +677,9 @@ def synthesize(spec: SynthSpec, model=None, output_lengths: np.ndarray | None = 
         "device_name": f"{hw.name} (synthesized)", "hardware": hw.name,
         "model": Path(spec.model_dir).name, "aic_model": aic_model,
         "model_dims": _fingerprint_dims(dims), "model_family_dims": _family_dims(dims),
-        "dtype": "bfloat16", "weight_dtype": spec.dtype,
+        "dtype": "bfloat16",
+        # the checkpoint's own format wins (DeepSeek-R1 ships FP8 weights whatever --dtype says)
+        "weight_dtype": "fp8" if dims.weight_format == "fp8" else spec.dtype,
         "tensor_parallel_size": spec.tp, "block_size": spec.block_size, "num_kv_blocks": kv.num_blocks,
         "expert_parallel": bool(spec.expert_parallel and dims.is_moe),
         "max_num_batched_tokens": mnbt, "max_num_seqs": mns, "max_model_len": mml,
