@@ -23,7 +23,9 @@ from profiles.synth import (ModelDims, StepShape, SynthSpec, cudagraph_sizes, ha
                             shape_features, shape_from_features, synthesize, vllm_scheduler_defaults)
 
 BUNDLED_GPU = ["h100-sxm_llama-3.1-8b", "h100-sxm_llama-3.1-70b_tp4", "h200_llama-3.1-8b",
-               "a100-sxm_llama-3.1-8b", "l40s_llama-3.1-8b"]
+               "a100-sxm_llama-3.1-8b", "l40s_llama-3.1-8b", "h100-sxm_qwen3-30b-a3b", "h100-sxm_gpt-oss-120b",
+               "h200_deepseek-r1_tp8"]
+MOE_BUNDLED = ("qwen3-30b-a3b", "gpt-oss-120b", "deepseek-r1")
 synth = pytest.mark.skipif(not has_module("aiconfigurator_core"),
                            reason="needs the synth extra: pip install -e '.[synth]' (aiconfigurator-core)")
 
@@ -256,10 +258,14 @@ def test_bundled_gpu_profiles_are_labelled_estimates_with_their_error_band(name)
     assert fp["source"] == "synthesized" and prof.meta["estimate"] is True and "ESTIMATE" in prof.meta["label"]
     assert "expected |error|" in prof.meta["label"] and prof.meta["error_band"]
     assert fp["num_kv_blocks"] > 1000 and fp["block_size"] == 16 and fp["async_scheduling"] is True
-    assert fp["tensor_parallel_size"] == (4 if name.endswith("_tp4") else 1)
+    assert fp["tensor_parallel_size"] == (int(name.rsplit("_tp", 1)[1]) if "_tp" in name else 1)
     sm = prof.meta["step_model"]
     assert sm["fitted_on"] and sm["errors"]
-    assert ("a100" in name or "l40s" in name) == bool(prof.meta["coverage_warnings"])
+    moe = any(m in name for m in MOE_BUNDLED)
+    assert ("a100" in name or "l40s" in name or moe) == bool(prof.meta["coverage_warnings"])
+    if moe:  # labelled as outside the fit, and the oracle models expert occupancy
+        assert any("mixture-of-experts" in w for w in prof.meta["coverage_warnings"])
+        assert prof.meta["oracle"]["moe"] and "moe_experts" in prof.meta["oracle"]["features"]
     dims = ModelDims.from_config(resolve_model_dir(fp["model"]))
     assert fp["model_dims"]["num_layers"] == dims.num_layers
     lat = prof.steps["latency_us"]
@@ -279,3 +285,19 @@ def test_llama_tokenizer_and_chat_template_are_the_real_models():
                     "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     cfg = json.loads((resolve_model_dir("llama-3.1-70b") / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 80 and cfg["num_key_value_heads"] == 8
+
+
+@pytest.mark.synth
+@synth
+def test_moe_layouts_expert_parallel_and_tensor_parallel_are_both_synthesized():
+    """Qwen3-30B-A3B at TP2 on H100s: experts sharded by TP (vLLM's default) and split whole over the
+    ranks (--enable-expert-parallel) compile different AIC engines; the fingerprint says which, the
+    EP profile warns that its all-to-all is AIC's own estimate, and both hold the same KV pool."""
+    base = dict(hardware="h100-sxm", model_dir=str(resolve_model_dir("qwen3-30b-a3b")),
+                aic_model="Qwen/Qwen3-30B-A3B", tp=2, num_steps=600)
+    tp_prof, tp_kv = synthesize(SynthSpec(**base))
+    ep_prof, ep_kv = synthesize(SynthSpec(**base, expert_parallel=True))
+    assert tp_prof.fingerprint["expert_parallel"] is False and ep_prof.fingerprint["expert_parallel"] is True
+    assert tp_kv.num_blocks == ep_kv.num_blocks
+    assert any("expert parallel (EP2)" in w for w in ep_prof.meta["coverage_warnings"])
+    assert not np.array_equal(tp_prof.steps["latency_us"], ep_prof.steps["latency_us"])
