@@ -191,10 +191,7 @@ class ModelDims:
             qk_nope_head_dim=int(cfg.get("qk_nope_head_dim") or 0) if mla else 0,
             v_head_dim=int(cfg.get("v_head_dim") or 0) if mla else 0,
             q_lora_rank=int(cfg.get("q_lora_rank") or 0) if mla else 0,
-            # local layers: gpt-oss's sliding-window ones, or Llama 4's chunked ones (its RoPE layers)
-            num_sliding_layers=sum(t == "sliding_attention" for t in cfg.get("layer_types") or [])
-            or (sum(1 for x in (cfg.get("no_rope_layers") or [])[:layers] if x) if cfg.get("attention_chunk_size")
-                else 0),
+            num_sliding_layers=_local_layers(cfg, layers),
             sliding_window=int(cfg.get("sliding_window") or 0) if "sliding_attention" in kinds else 0,
             weight_format="fp8" if quant == "fp8" else "bf16",
             expert_format={"fp8": "fp8", "mxfp4": "mxfp4"}.get(quant, "bf16"),
@@ -298,6 +295,15 @@ class ModelDims:
             raise ValueError(f"{self.architecture}: {full} full and {self.num_sliding_layers} sliding layers do "
                              "not group evenly; synth models only counts that divide (as gpt-oss's)")
         return page * g
+
+
+def _local_layers(cfg: dict, layers: int) -> int:
+    """Layers attending locally: gpt-oss's sliding-window ones (``layer_types``), else Llama 4's chunked
+    ones (its RoPE layers, ``no_rope_layers[i]`` truthy, when ``attention_chunk_size`` is set)."""
+    sliding = sum(t == "sliding_attention" for t in cfg.get("layer_types") or [])
+    if sliding or not cfg.get("attention_chunk_size"):
+        return sliding
+    return sum(1 for x in (cfg.get("no_rope_layers") or [])[:layers] if x)
 
 
 # ------------------------------------------------------ vLLM's scheduling

@@ -39,6 +39,22 @@ def _key(s) -> tuple:
             getattr(s, "attention_chunk_size", None), s.page_size_bytes)
 
 
+def _chat_and_stream(url: str, model: str, prompt: str) -> list[str]:
+    """An 8-token chat (asserted served in full), then a 5-token streamed completion of ``prompt``;
+    returns the stream's data events (``[DONE]`` excluded)."""
+    r = httpx.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 8, "ignore_eos": True,
+                                                       "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
+    with httpx.stream("POST", url + "/v1/completions", json={
+            "model": model, "prompt": prompt, "max_tokens": 5, "ignore_eos": True, "stream": True}, timeout=60) as s:
+        return [ln for ln in s.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+
+
+def _cache_config_info(url: str) -> str:
+    """The server's ``vllm:cache_config_info`` line from ``/metrics``."""
+    return next(ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith("vllm:cache_config_info"))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3-moe", "gpt-oss", "llama4"])
 def test_config_built_specs_equal_vllms_own_layers(model_dirs, family):
     """Plain-attention families (dense, MoE, sliding window with sinks, Llama 4's chunked local
@@ -128,16 +144,8 @@ def test_a_hybrid_model_is_served_with_its_state_pool(model_dirs):
     d = model_dirs["qwen3-next"]
     with vllm_server("emulated-hybrid", ["--max-model-len", "1024", "--num-gpu-blocks-override", "100"],
                      profile=None, step_ms=2.0, model=str(d)) as (url, _, log):
-        r = httpx.post(url + "/v1/chat/completions", json={"model": str(d), "max_tokens": 8, "ignore_eos": True,
-                                                           "messages": [{"role": "user", "content": "hi"}]},
-                       timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
-        with httpx.stream("POST", url + "/v1/completions", json={
-                "model": str(d), "prompt": "x " * 100, "max_tokens": 5, "ignore_eos": True, "stream": True},
-                timeout=60) as s:
-            assert sum(ln.startswith("data: {") for ln in s.iter_lines()) >= 5
-        info = next(ln for ln in httpx.get(url + "/metrics").text.splitlines()
-                    if ln.startswith("vllm:cache_config_info"))
+        assert sum(ln.startswith("data: {") for ln in _chat_and_stream(url, str(d), "x " * 100)) >= 5
+        info = _cache_config_info(url)
         assert 'num_gpu_blocks="100"' in info and 'mamba_ssm_cache_dtype="auto"' in info, info
         text = log.read_text()
         assert "hybrid model: attention block size 16 ->" in text and "as vLLM aligns them on a GPU" in text
@@ -150,17 +158,8 @@ def test_an_mla_model_is_served_with_chunked_prefill_and_prefix_caching_as_on_a_
     d = model_dirs["deepseek-v3"]
     args = ["--max-model-len", "1024", "--num-gpu-blocks-override", "65", "--enable-prefix-caching"]
     with vllm_server("emulated-mla", args, profile=None, step_ms=2.0, model=str(d)) as (url, _, log):
-        r = httpx.post(url + "/v1/chat/completions", json={"model": str(d), "max_tokens": 8, "ignore_eos": True,
-                                                           "messages": [{"role": "user", "content": "hi"}]},
-                       timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
-        with httpx.stream("POST", url + "/v1/completions", json={
-                "model": str(d), "prompt": "x " * 300, "max_tokens": 5, "ignore_eos": True, "stream": True},
-                timeout=60) as s:
-            events = [ln for ln in s.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
-        assert len(events) >= 5
-        metrics = httpx.get(url + "/metrics").text
-        info = next(ln for ln in metrics.splitlines() if ln.startswith("vllm:cache_config_info"))
+        assert len(_chat_and_stream(url, str(d), "x " * 300)) >= 5
+        info = _cache_config_info(url)
         assert 'num_gpu_blocks="65"' in info and 'enable_prefix_caching="True"' in info, info
         text = log.read_text()
         assert "enable_chunked_prefill=True, enable_prefix_caching=True (MLA, as on a GPU)" in text
@@ -370,7 +369,6 @@ def test_bundled_moe_and_mla_models_serve_with_their_profiles_kv_pool(model, pro
         tok = httpx.post(url + "/tokenize", json={"model": model, "messages": [{"role": "user", "content": "hello"}],
                                                   "add_generation_prompt": True}, timeout=30).json()
         assert tok["count"] == r.json()["usage"]["prompt_tokens"] and tok["count"] >= 3
-        info = next(ln for ln in httpx.get(url + "/metrics").text.splitlines()
-                    if ln.startswith("vllm:cache_config_info"))
+        info = _cache_config_info(url)
         assert f'num_gpu_blocks="{blocks}"' in info, info
         assert "ESTIMATE" in log.read_text()
