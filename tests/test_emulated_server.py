@@ -138,25 +138,33 @@ def test_logprobs_and_top_logprobs(server):
         assert tok["top_logprobs"][0]["logprob"] >= tok["top_logprobs"][-1]["logprob"]
 
 
-def test_streaming_chat_one_event_per_token(server):
+def test_streaming_chat_streams_every_token_once(server):
+    """Each token reaches the client in exactly one chunk. vLLM merges deltas when its
+    API server lags the engine (``RequestOutputCollector.put`` in
+    vllm/v1/engine/output_processor.py), as it can on a loaded host with GPU-speed
+    steps, so a chunk may carry more than one token: tokens are counted by the
+    per-token logprob rows each chunk carries, not by chunks."""
     url, *_ = server
     events = sse_events(url, "/v1/chat/completions", {
         "model": MODEL, "messages": [{"role": "user", "content": "stream"}], "max_tokens": 12,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+        "ignore_eos": True, "stream": True, "logprobs": True, "stream_options": {"include_usage": True}})
     assert events[-1] == b"data: [DONE]"
     docs = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
     content = [d for d in docs if d["choices"] and d["choices"][0]["delta"].get("content")]
-    assert len(content) == 12
+    per_chunk = [len(d["choices"][0]["logprobs"]["content"]) for d in content]
+    assert sum(per_chunk) == 12 and min(per_chunk) >= 1, per_chunk
     assert docs[-1]["usage"]["completion_tokens"] == 12
     assert [d for d in docs if d["choices"]][-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_streaming_completions(server):
+    """As the chat stream: every token once, counted by the logprob rows per chunk."""
     url, *_ = server
     events = sse_events(url, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 6,
-                                                 "ignore_eos": True, "stream": True})
-    texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
-    assert len([t for t in texts if t]) == 6
+                                                 "ignore_eos": True, "stream": True, "logprobs": 1})
+    choices = [json.loads(e[6:])["choices"][0] for e in events[:-1]]
+    per_chunk = [len(c["logprobs"]["tokens"]) for c in choices if c["text"]]
+    assert sum(per_chunk) == 6 and min(per_chunk) >= 1, per_chunk
 
 
 def test_structured_output_json_schema(server):
