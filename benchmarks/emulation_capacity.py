@@ -7,10 +7,13 @@ gateway's /metrics) before and after every rate. A rate is *sustained* when the
 p99 step lateness of the steps run at that rate stays under ``--p99-ms`` (1 ms):
 the host kept the virtual device's schedule, so the latencies it served are the
 device's. Prints one row per rate (completed, failures, output tok/s, TTFT, TPOT,
-lateness p50/p99/max) and the highest sustained rate and its output tok/s.
+lateness p50/p99/max), the cores each part of the stack used (gateway, vLLM API
+server(s), engine core, the Locust client; psutil CPU times over the rate's wall time)
+and the highest sustained rate and its output tok/s.
 
     python benchmarks/emulation_capacity.py --replicas 1 --rates 5,10,20,30,40
     python benchmarks/emulation_capacity.py --replicas 2 --rates 10,20,40,60
+    python benchmarks/emulation_capacity.py --rates 60,100 --extra-args "--api-server-count 2"
 
 Lateness quantiles are bucket upper bounds (0.1, 0.25, 0.5, 1, 2.5, 5 ... ms).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,6 +53,45 @@ def lateness_counts(url: str) -> list[int]:
     return [vals[0]] + [vals[i] - vals[i - 1] for i in range(1, len(vals))]
 
 
+def _role(p: psutil.Process) -> str:
+    """The part of the serving stack a process of the gateway's tree plays, from its title
+    (vLLM names its processes ``VLLM::EngineCore``, ``VLLM::APIServer_N`` with setproctitle)
+    or its command line."""
+    try:
+        title = " ".join(p.cmdline()) or p.name()
+    except psutil.Error:
+        return "gone"
+    if "EngineCore" in title:
+        return "engine core"
+    if "APIServer" in title or "vllm.entrypoints" in title or "emu_executor" in title or " emulate" in title:
+        return "vLLM API server"
+    if "-m gateway" in title:
+        return "gateway"
+    return "other"
+
+
+def cpu_by_role(pid: int) -> dict[int, tuple[str, float]]:
+    """{pid: (role, user+system CPU seconds so far)} for ``pid`` and all its descendants."""
+    root = psutil.Process(pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (_role(p), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_split(before: dict, after: dict, client_s: float, wall_s: float) -> dict[str, float]:
+    """Cores used per role over a rate's run (CPU seconds / wall seconds), the client's included."""
+    split: dict[str, float] = {}
+    for pid, (role, t) in after.items():
+        split[role] = split.get(role, 0.0) + (t - before.get(pid, (role, 0.0))[1]) / wall_s
+    split["load generator (Locust)"] = client_s / wall_s
+    return {k: round(v, 2) for k, v in split.items() if k != "other" or v > 0.01}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="h100-sxm_llama-3.1-8b")
@@ -57,9 +101,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30, help="arrivals per rate: rate x seconds prompts")
     ap.add_argument("--p99-ms", type=float, default=1.0, help="lateness p99 bound that counts as sustained")
     ap.add_argument("--seed", type=int, default=21)
+    ap.add_argument("--extra-args", default="", help="vLLM flags for every replica, one string, "
+                    "e.g. '--api-server-count 2' (the backend's extra_args)")
+    ap.add_argument("--trace", help="replay this trace (Mooncake JSONL, ...) instead of ShareGPT at --rates; "
+                    "one run, its own arrival times")
     args = ap.parse_args()
+    if args.trace:
+        args.rates = "0"
     cfg = (f'[[backends]]\nname = "emu"\nmodel = "{args.model}"\nmode = "emulate"\nprofile = "{args.profile}"\n'
-           f'replicas = {args.replicas}\nmax_model_len = 32768\n')
+           f'replicas = {args.replicas}\nmax_model_len = 32768\n'
+           f'extra_args = {json.dumps(args.extra_args.split())}\n')
     url, proc, log = start_gateway("capacity", cfg)
     rows, best = [], None
     try:
@@ -67,37 +118,48 @@ def main() -> int:
         out = Path(tempfile.mkdtemp())
         for rate in [float(r) for r in args.rates.split(",") if r]:
             n = max(10, int(rate * args.seconds))
+            workload = ["--trace", args.trace] if args.trace else \
+                ["--request-rate", str(rate), "--num-prompts", str(n), "--seed", str(args.seed)]
             before = lateness_counts(url)
             res = out / f"r{rate}.json"
+            cpu0, kids0 = cpu_by_role(proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.time()
             subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",
-                            "-H", url, "--request-rate", str(rate), "--num-prompts", str(n), "--seed", str(args.seed),
-                            "--result-json", str(res)], cwd=ROOT, capture_output=True, timeout=1800)
+                            "-H", url, *workload, "--result-json", str(res)],
+                           cwd=ROOT, capture_output=True, timeout=1800)
+            wall = time.time() - t0
+            kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cores = cpu_split(cpu0, cpu_by_role(proc.pid), (kids1.ru_utime + kids1.ru_stime)
+                              - (kids0.ru_utime + kids0.ru_stime), wall)
             after = lateness_counts(url)
             delta = [a - b for a, b in zip(after, before)]
             d = json.loads(res.read_text()) if res.exists() else {}
             p50, p99, mx = (quantile_from_counts(delta, q) * 1000 for q in (0.5, 0.99, 1.0))
             ok = p99 < args.p99_ms and d.get("failed", 1) == 0
-            row = {"rate": rate, "prompts": n, "completed": d.get("completed"), "failed": d.get("failed"),
+            row = {"rate": "trace" if args.trace else f"{rate:g}", "prompts": n,
+                   "completed": d.get("completed"), "failed": d.get("failed"),
                    "out_tok_s": d.get("output_throughput"), "mean_ttft_ms": d.get("mean_ttft_ms"),
                    "mean_tpot_ms": d.get("mean_tpot_ms"), "steps": sum(delta), "late_p50_ms": p50,
-                   "late_p99_ms": p99, "late_max_ms": mx, "sustained": ok, "wall_s": round(time.time() - t0, 1)}
+                   "late_p99_ms": p99, "late_max_ms": mx, "sustained": ok, "wall_s": round(wall, 1), "cores": cores}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if ok:
                 best = row
     finally:
         proc.stop()
-    print(f"\nreplicas {args.replicas}, profile {args.profile}")
+    print(f"\nreplicas {args.replicas}, profile {args.profile}, extra args {args.extra_args.split()}")
     print("| rate | completed | failed | out tok/s | mean TTFT ms | mean TPOT ms | steps "
           "| lateness p50 / p99 / max ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['rate']:g} | {r['completed']} | {r['failed']} | {r['out_tok_s'] or 0:.0f} | "
+        print(f"| {r['rate']} | {r['completed']} | {r['failed']} | {r['out_tok_s'] or 0:.0f} | "
               f"{r['mean_ttft_ms'] or 0:.1f} | {r['mean_tpot_ms'] or 0:.2f} | {r['steps']} | "
               f"{r['late_p50_ms']:g} / {r['late_p99_ms']:g} / {r['late_max_ms']:g} |")
+    print("\ncores used per process role (CPU s / wall s over each rate's run, the Locust client included):")
+    for r in rows:
+        print(f"  {r['rate']} req/s: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items())))
     if best:
-        print(f"highest sustained (lateness p99 < {args.p99_ms} ms): {best['rate']:g} req/s, "
+        print(f"highest sustained (lateness p99 < {args.p99_ms} ms): {best['rate']} req/s, "
               f"{best['out_tok_s']:.0f} output tok/s")
     else:
         print("no rate sustained")
