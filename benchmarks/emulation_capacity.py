@@ -20,8 +20,11 @@ Lateness quantiles are bucket upper bounds (0.1, 0.25, 0.5, 1, 2.5, 5 ... ms).
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures as cf
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +95,45 @@ def cpu_split(before: dict, after: dict, client_s: float, wall_s: float) -> dict
     return {k: round(v, 2) for k, v in split.items() if k != "other" or v > 0.01}
 
 
+#: py-spy frame fragments per category, first match wins (the frames are vLLM 0.32's, uvicorn's,
+#: starlette's and emu_executor's; read from ``py-spy record -f raw`` of a replica under load).
+SPY_CATEGORIES = {
+    "vLLM API server": [
+        ("engine outputs: msgpack decode, socket", ("MsgpackDecoder", "process_outputs_socket")),
+        ("output processing: detokenize", ("Detokenizer", "detokenizer.py")),
+        ("output processing: stats, request outputs", ("OutputProcessor", "output_processor.py", "stats.py")),
+        ("OpenAI stream generator: chunks, JSON", ("stream_generator", "model_dump_json", "pydantic")),
+        ("request intake: tokenize, chat template", ("tokeniz", "render", "chat_template", "preprocess")),
+        ("ASGI: uvicorn, starlette, middlewares, sends", ("uvicorn", "starlette", "fastapi", "middleware", "anyio")),
+    ],
+    "engine core": [
+        ("emulated executor: step wait, tokens, features", ("emu_executor",)),
+        ("scheduler: KV cache manager", ("kv_cache", "KVCache", "single_type_kv")),
+        ("scheduler: schedule, update", ("scheduler.py", "Scheduler")),
+        ("outputs and inputs: serialize, sockets", ("sockets", "serial_utils", "zmq")),
+    ],
+}
+
+
+def spy_breakdown(pid: int, role: str, seconds: float) -> dict[str, float] | None:
+    """Share (%) of py-spy's on-CPU samples of ``pid`` per :data:`SPY_CATEGORIES` category over
+    ``seconds`` (100 Hz, ``--nonblocking``); None without py-spy. Sampling costs CPU on a loaded
+    2-core host: the rate's other figures are perturbed when it runs."""
+    if not shutil.which("py-spy"):
+        return None
+    raw = Path(tempfile.mkstemp(suffix=".pyspy")[1])
+    subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f", "raw",
+                    "-o", str(raw), "--nonblocking"], capture_output=True, timeout=seconds + 60)
+    counts: collections.Counter = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            cat = next((name for name, frags in SPY_CATEGORIES[role] if any(f in stack for f in frags)), "other")
+            counts[cat] += int(n)
+    total = sum(counts.values())
+    return {k: round(100.0 * v / total, 1) for k, v in counts.most_common()} if total else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="h100-sxm_llama-3.1-8b")
@@ -103,6 +145,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--extra-args", default="", help="vLLM flags for every replica, one string, "
                     "e.g. '--api-server-count 2' (the backend's extra_args)")
+    ap.add_argument("--spy", type=float, default=0, metavar="SECONDS",
+                    help="with py-spy installed: sample the API server and the engine core for SECONDS, "
+                    "starting 5 s into each rate, and print where their CPU goes (perturbs the run)")
     ap.add_argument("--trace", help="replay this trace (Mooncake JSONL, ...) instead of ShareGPT at --rates; "
                     "one run, its own arrival times")
     args = ap.parse_args()
@@ -124,6 +169,12 @@ def main() -> int:
             res = out / f"r{rate}.json"
             cpu0, kids0 = cpu_by_role(proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.time()
+            spies = []
+            if args.spy:
+                roles = {r: pid for pid, (r, _) in cpu0.items() if r in SPY_CATEGORIES}
+                pool = cf.ThreadPoolExecutor(len(roles) or 1)
+                spies = [(r, pool.submit(lambda p=pid, r=r: (time.sleep(5), spy_breakdown(p, r, args.spy))[1]))
+                         for r, pid in roles.items()]
             subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",
                             "-H", url, *workload, "--result-json", str(res)],
                            cwd=ROOT, capture_output=True, timeout=1800)
@@ -141,6 +192,7 @@ def main() -> int:
                    "out_tok_s": d.get("output_throughput"), "mean_ttft_ms": d.get("mean_ttft_ms"),
                    "mean_tpot_ms": d.get("mean_tpot_ms"), "steps": sum(delta), "late_p50_ms": p50,
                    "late_p99_ms": p99, "late_max_ms": mx, "sustained": ok, "wall_s": round(wall, 1), "cores": cores}
+            row["spy"] = {r: f.result() for r, f in spies}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if ok:
@@ -158,6 +210,11 @@ def main() -> int:
     print("\ncores used per process role (CPU s / wall s over each rate's run, the Locust client included):")
     for r in rows:
         print(f"  {r['rate']} req/s: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items())))
+    for r in rows:
+        for role, cats in (r["spy"] or {}).items():
+            if cats:
+                shares = ", ".join(f"{k} {v}%" for k, v in cats.items())
+                print(f"  {r['rate']} req/s, {role}, py-spy samples: {shares}")
     if best:
         print(f"highest sustained (lateness p99 < {args.p99_ms} ms): {best['rate']} req/s, "
               f"{best['out_tok_s']:.0f} output tok/s")
