@@ -17,13 +17,28 @@ PROFILE = "cpu-epyc-2c_mistral-h1024-l8"
 
 
 @contextlib.contextmanager
-def emulated_server(extra_args=(), env=None, step_ms=None, profile=PROFILE, name="bench-emu"):
-    """An emulated vLLM server on a free port; yields its base URL."""
+def emulated_server(extra_args=(), env=None, step_ms=None, profile=PROFILE, name="bench-emu", model=MODEL,
+                    max_model_len=4096, log_file=None, timeout_s=300):
+    """An emulated vLLM server (vLLM's OpenAI server with ``emu_executor.EmulatedExecutor``) on a
+    free port; yields (base URL, process) and stops it on exit.
+
+    ``model`` is a bundled model name or a model directory (served under its name; the Mistral
+    tokenizer mode for the bundled Mistral model), ``profile`` a bundled profile name or file
+    (``EMUGATE_PROFILE``) unless ``step_ms`` sets a constant step time in ms; ``extra_args`` are
+    vLLM flags, ``env`` extra environment (``EMUGATE_*`` of the caller's environment are dropped
+    first). The log goes to ``log_file`` (default ``runs/<name>.log``).
+
+    Raises:
+        RuntimeError: the server exited before answering /health (``wait_healthy``).
+        TimeoutError: it did not answer /health within ``timeout_s`` s.
+    """
     port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(MODEL)),
-            "--served-model-name", MODEL, "--tokenizer-mode", "mistral", "--port", str(port),
-            "--host", "127.0.0.1", "--distributed-executor-backend", "emu_executor.EmulatedExecutor",
-            "--max-model-len", "4096", *extra_args]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(model)),
+            "--served-model-name", Path(str(model)).name, "--port", str(port), "--host", "127.0.0.1",
+            "--distributed-executor-backend", "emu_executor.EmulatedExecutor",
+            "--max-model-len", str(max_model_len), *extra_args]
+    if model == MODEL:
+        argv += ["--tokenizer-mode", "mistral"]
     e = {k: v for k, v in os.environ.items() if not k.startswith("EMUGATE_")}
     e["HF_HUB_OFFLINE"] = "1"
     if step_ms is not None:
@@ -31,13 +46,13 @@ def emulated_server(extra_args=(), env=None, step_ms=None, profile=PROFILE, name
     elif profile:
         e["EMUGATE_PROFILE"] = str(resolve_profile(profile))
     e.update(env or {})
-    log = ROOT / "runs" / f"{name}.log"
-    log.parent.mkdir(exist_ok=True)
+    log = Path(log_file) if log_file else ROOT / "runs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     proc = ServerProcess(name, argv, e, log=open(os.devnull, "w"), log_file=log)
     proc.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, timeout_s=300)
+        wait_healthy(url, proc, timeout_s=timeout_s)
         yield url, proc
     finally:
         proc.stop(grace_s=30)

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
 import random
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,10 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from _common import ROOT
+from _common import ROOT, emulated_server
 
-from gateway.launch import ServerProcess, free_port, wait_healthy
-from profiles.assets import resolve_model_dir, resolve_profile
 
 MODEL = "llama-3.1-8b"
 PROFILE = "h100-sxm_llama-3.1-8b"
@@ -78,22 +74,12 @@ def stream_one(url: str, payload: dict) -> tuple[float, float, int]:
 
 
 def run(max_loras: int, ads: dict[str, Path], out: Path, a) -> dict:
-    port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(MODEL)),
-            "--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1",
-            "--distributed-executor-backend", "emu_executor.EmulatedExecutor", "--max-model-len", "8192",
-            "--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", "16",
-            "--lora-modules", *[f"{n}={p}" for n, p in ads.items()]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMUGATE_")}
-    env.update(HF_HUB_OFFLINE="1", EMUGATE_PROFILE=str(resolve_profile(PROFILE)))
-    proc = ServerProcess(f"lora-{max_loras}", argv, env, log=open(os.devnull, "w"),
-                         log_file=out / f"max_loras_{max_loras}.log")
-    proc.start()
-    url = f"http://127.0.0.1:{port}"
+    flags = ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", "16",
+             "--lora-modules", *[f"{n}={p}" for n, p in ads.items()]]
     scrapes: list[tuple[frozenset, frozenset]] = []
     stop = threading.Event()
 
-    def scrape() -> None:
+    def scrape(url: str) -> None:
         with httpx.Client(timeout=10) as c:
             while not stop.is_set():
                 # vLLM sets the gauge to the current time under the label set of the moment; earlier label
@@ -106,30 +92,30 @@ def run(max_loras: int, ads: dict[str, Path], out: Path, a) -> dict:
                     scrapes.append((_names(lab, "running_lora_adapters"), _names(lab, "waiting_lora_adapters")))
                 time.sleep(0.05)
 
-    try:
-        wait_healthy(url, proc, timeout_s=600)
-        rng = random.Random(a.seed)
-        plan, t = [], 0.0
-        for _ in range(a.num_prompts):
-            t += rng.expovariate(a.rate)
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(64, 512)))
-            plan.append((t, {"model": f"a{rng.randrange(4)}", "prompt": prompt, "max_tokens": rng.randint(32, 256),
-                             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}))
-        watcher = threading.Thread(target=scrape, daemon=True)
-        watcher.start()
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(256) as ex:
-            futs = []
-            for at, payload in plan:
-                time.sleep(max(0.0, t0 + at - time.perf_counter()))
-                futs.append(ex.submit(stream_one, url, payload))
-            res = [f.result() for f in futs]
-        dur = time.perf_counter() - t0
-        stop.set()
-        watcher.join()
-    finally:
-        stop.set()
-        proc.stop(grace_s=20)
+    with emulated_server(flags, profile=PROFILE, model=MODEL, name=f"lora-{max_loras}", max_model_len=8192,
+                         log_file=out / f"max_loras_{max_loras}.log", timeout_s=600) as (url, _):
+        try:
+            rng = random.Random(a.seed)
+            plan, t = [], 0.0
+            for _ in range(a.num_prompts):
+                t += rng.expovariate(a.rate)
+                prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(64, 512)))
+                plan.append((t, {"model": f"a{rng.randrange(4)}", "prompt": prompt, "max_tokens": rng.randint(32, 256),
+                                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}))
+            watcher = threading.Thread(target=scrape, args=(url,), daemon=True)
+            watcher.start()
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(256) as ex:
+                futs = []
+                for at, payload in plan:
+                    time.sleep(max(0.0, t0 + at - time.perf_counter()))
+                    futs.append(ex.submit(stream_one, url, payload))
+                res = [f.result() for f in futs]
+            dur = time.perf_counter() - t0
+            stop.set()
+            watcher.join()
+        finally:
+            stop.set()
     ttft = np.array([r[0] for r in res]) * 1000
     e2el = np.array([r[1] for r in res]) * 1000
     running = [s[0] for s in scrapes]

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
-from _common import ROOT
+from _common import ROOT, emulated_server
 
-from gateway.launch import ServerProcess, free_port, wait_healthy
-from profiles.assets import resolve_model_dir, resolve_profile
+from profiles.assets import resolve_model_dir
 
 MODEL = "llama-3.1-8b"
 PROFILE = "h100-sxm_llama-3.1-8b"
@@ -44,21 +42,14 @@ def metric_sum(text: str, name: str) -> dict[str, float]:
 
 
 def run(label: str, out: Path, spec: dict | None, acceptance: str, a) -> dict:
-    port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model_dir(MODEL)),
-            "--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1",
-            "--distributed-executor-backend", "emu_executor.EmulatedExecutor", "--max-model-len", "8192"]
+    flags = []
     if spec:
-        argv += ["--speculative-config", json.dumps(spec)]
+        flags += ["--speculative-config", json.dumps(spec)]
     elif a.method == "ngram":
-        argv += ["--no-async-scheduling"]  # vLLM runs n-gram speculation with sync scheduling: compare like with like
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMUGATE_")}
-    env.update(HF_HUB_OFFLINE="1", EMUGATE_PROFILE=str(resolve_profile(PROFILE)), EMUGATE_SPEC_ACCEPTANCE=acceptance)
-    proc = ServerProcess(f"spec-{label}", argv, env, log=open(os.devnull, "w"), log_file=out / f"{label}.log")
-    proc.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, timeout_s=600)
+        flags += ["--no-async-scheduling"]  # vLLM runs n-gram speculation with sync scheduling: compare like with like
+    with emulated_server(flags, env={"EMUGATE_SPEC_ACCEPTANCE": acceptance}, profile=PROFILE, model=MODEL,
+                         name=f"spec-{label}", max_model_len=8192, log_file=out / f"{label}.log",
+                         timeout_s=600) as (url, _):
         res = out / f"{label}.json"
         p = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "sharegpt.py"), "--headless",
                             "-H", url, "--model", MODEL, "--request-rate", str(a.rate), "--num-prompts",
@@ -70,8 +61,6 @@ def run(label: str, out: Path, spec: dict | None, acceptance: str, a) -> dict:
         d = json.loads(res.read_text())
         d["metrics"] = httpx.get(url + "/metrics", timeout=30).text
         return d
-    finally:
-        proc.stop(grace_s=20)
 
 
 def main() -> None:
