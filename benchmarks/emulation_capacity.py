@@ -190,7 +190,8 @@ def main() -> int:
             row = {"rate": "trace" if args.trace else f"{rate:g}", "prompts": n,
                    "completed": d.get("completed"), "failed": d.get("failed"),
                    "out_tok_s": d.get("output_throughput"), "mean_ttft_ms": d.get("mean_ttft_ms"),
-                   "mean_tpot_ms": d.get("mean_tpot_ms"), "steps": sum(delta), "late_p50_ms": p50,
+                   "mean_tpot_ms": d.get("mean_tpot_ms"), "mean_itl_ms": d.get("mean_itl_ms"),
+                   "steps": sum(delta), "late_p50_ms": p50,
                    "late_p99_ms": p99, "late_max_ms": mx, "sustained": ok, "wall_s": round(wall, 1), "cores": cores}
             row["spy"] = {r: f.result() for r, f in spies}
             rows.append(row)
@@ -200,12 +201,13 @@ def main() -> int:
     finally:
         proc.stop()
     print(f"\nreplicas {args.replicas}, profile {args.profile}, extra args {args.extra_args.split()}")
-    print("| rate | completed | failed | out tok/s | mean TTFT ms | mean TPOT ms | steps "
+    print("| rate | completed | failed | out tok/s | mean TTFT ms | mean TPOT ms | mean ITL ms | steps "
           "| lateness p50 / p99 / max ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['rate']} | {r['completed']} | {r['failed']} | {r['out_tok_s'] or 0:.0f} | "
-              f"{r['mean_ttft_ms'] or 0:.1f} | {r['mean_tpot_ms'] or 0:.2f} | {r['steps']} | "
+              f"{r['mean_ttft_ms'] or 0:.1f} | {r['mean_tpot_ms'] or 0:.2f} | {r['mean_itl_ms'] or 0:.2f} | "
+              f"{r['steps']} | "
               f"{r['late_p50_ms']:g} / {r['late_p99_ms']:g} / {r['late_max_ms']:g} |")
     print("\ncores used per process role (CPU s / wall s over each rate's run, the Locust client included):")
     for r in rows:
