@@ -5,8 +5,10 @@ ShareGPT workload (``loadtests/sharegpt.py``, Poisson) at increasing request rat
 and reads each replica's ``emugate:step_lateness_seconds`` histogram (through the
 gateway's /metrics) before and after every rate. A rate is *sustained* when the
 p99 step lateness of the steps run at that rate stays under ``--p99-ms`` (1 ms):
-the host kept the virtual device's schedule, so the latencies it served are the
-device's. Prints one row per rate (completed, failures, output tok/s, TTFT, TPOT,
+the engine kept the virtual device's schedule, so its steps took the device's
+times. What clients see also includes the host's front end (gateway, vLLM's API
+server, Locust on the same cores): compare TTFT/TPOT/ITL with ``emugate simulate``
+on the same workload, which has no host path. Prints one row per rate (completed, failures, output tok/s, TTFT, TPOT, ITL,
 lateness p50/p99/max), the cores each part of the stack used (gateway, vLLM API
 server(s), engine core, the Locust client; psutil CPU times over the rate's wall time)
 and the highest sustained rate and its output tok/s.
@@ -14,6 +16,7 @@ and the highest sustained rate and its output tok/s.
     python benchmarks/emulation_capacity.py --replicas 1 --rates 5,10,20,30,40
     python benchmarks/emulation_capacity.py --replicas 2 --rates 10,20,40,60
     python benchmarks/emulation_capacity.py --rates 60,100 --extra-args "--api-server-count 2"
+    python benchmarks/emulation_capacity.py --trace docs/data/capacity/decode-heavy_28rps.jsonl --spy 15
 
 Lateness quantiles are bucket upper bounds (0.1, 0.25, 0.5, 1, 2.5, 5 ... ms).
 """
@@ -125,7 +128,9 @@ def spy_breakdown(pid: int, role: str, seconds: float) -> dict[str, float] | Non
     subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f", "raw",
                     "-o", str(raw), "--nonblocking"], capture_output=True, timeout=seconds + 60)
     counts: collections.Counter = collections.Counter()
-    for line in raw.read_text().splitlines():
+    text = raw.read_text()
+    raw.unlink()
+    for line in text.splitlines():
         stack, _, n = line.rpartition(" ")
         if n.isdigit():
             cat = next((name for name, frags in SPY_CATEGORIES[role] if any(f in stack for f in frags)), "other")
@@ -187,7 +192,7 @@ def main() -> int:
             d = json.loads(res.read_text()) if res.exists() else {}
             p50, p99, mx = (quantile_from_counts(delta, q) * 1000 for q in (0.5, 0.99, 1.0))
             ok = p99 < args.p99_ms and d.get("failed", 1) == 0
-            row = {"rate": "trace" if args.trace else f"{rate:g}", "prompts": n,
+            row = {"rate": "trace" if args.trace else f"{rate:g}", "prompts": None if args.trace else n,
                    "completed": d.get("completed"), "failed": d.get("failed"),
                    "out_tok_s": d.get("output_throughput"), "mean_ttft_ms": d.get("mean_ttft_ms"),
                    "mean_tpot_ms": d.get("mean_tpot_ms"), "mean_itl_ms": d.get("mean_itl_ms"),
