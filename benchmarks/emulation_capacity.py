@@ -8,8 +8,8 @@ p99 step lateness of the steps run at that rate stays under ``--p99-ms`` (1 ms):
 the engine kept the virtual device's schedule, so its steps took the device's
 times. What clients see also includes the host's front end (gateway, vLLM's API
 server, Locust on the same cores): compare TTFT/TPOT/ITL with ``emugate simulate``
-on the same workload, which has no host path. Prints one row per rate (completed, failures, output tok/s, TTFT, TPOT, ITL,
-lateness p50/p99/max), the cores each part of the stack used (gateway, vLLM API
+on the same workload, which has no host path. Prints one row per rate (completed,
+failures, output tok/s, TTFT, TPOT, ITL, lateness p50/p99/max), the cores each part of the stack used (gateway, vLLM API
 server(s), engine core, the Locust client; psutil CPU times over the rate's wall time)
 and the highest sustained rate and its output tok/s.
 
