@@ -10,8 +10,9 @@ times. What clients see also includes the host's front end (gateway, vLLM's API
 server, Locust on the same cores): compare TTFT/TPOT/ITL with ``emugate simulate``
 on the same workload, which has no host path. Prints one row per rate (completed,
 failures, output tok/s, TTFT, TPOT, ITL, lateness p50/p99/max), the cores each part of the stack used (gateway, vLLM API
-server(s), engine core, the Locust client; psutil CPU times over the rate's wall time)
-and the highest sustained rate and its output tok/s.
+server(s), engine core, the Locust client; psutil CPU times over the rate's wall time),
+the mean TTFT where each layer stamps it (client, gateway, vLLM's API server, the scheduler's
+queue: :data:`TTFT_LAYERS`), and the highest sustained rate and its output tok/s.
 
     python benchmarks/emulation_capacity.py --replicas 1 --rates 5,10,20,30,40
     python benchmarks/emulation_capacity.py --replicas 2 --rates 10,20,40,60
@@ -57,6 +58,44 @@ def lateness_counts(url: str) -> list[int]:
     keys = [str(b) for b in BUCKETS_S] + ["+Inf"]
     vals = [int(cum.get(k, 0)) for k in keys]
     return [vals[0]] + [vals[i] - vals[i - 1] for i in range(1, len(vals))]
+
+
+#: Where a request's time to first token is stamped, outermost first: (label, histogram family).
+#: The client's own TTFT (Locust, ``vllm bench serve``'s definition) is the outermost layer.
+TTFT_LAYERS = (
+    ("gateway", "emugate_ttft_seconds"),              # request read by the gateway -> first chunk from the replica
+    ("vLLM API server", "vllm:time_to_first_token_seconds"),  # request built in the API server -> first token out
+    ("engine queue", "vllm:request_queue_time_seconds"),      # waiting in the engine core's scheduler queue
+)
+
+
+def histogram_sums(url: str) -> dict[str, tuple[float, float]]:
+    """{family: (sum in s, count)} of each :data:`TTFT_LAYERS` histogram, summed over the
+    gateway's replicas and label sets (the gateway's /metrics merges its replicas' vllm:* metrics)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    wanted = {name for _, name in TTFT_LAYERS}
+    out: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in wanted:
+            continue
+        acc = out.setdefault(fam.name, [0.0, 0.0])
+        for s in fam.samples:
+            if s.name.endswith("_sum"):
+                acc[0] += s.value
+            elif s.name.endswith("_count"):
+                acc[1] += s.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def ttft_by_layer(before: dict, after: dict) -> dict[str, float | None]:
+    """Mean (ms) of each :data:`TTFT_LAYERS` histogram over the requests between two
+    :func:`histogram_sums` scrapes; None where no request was counted."""
+    means: dict[str, float | None] = {}
+    for label, name in TTFT_LAYERS:
+        s0, c0 = before.get(name, (0.0, 0.0))
+        s1, c1 = after.get(name, (0.0, 0.0))
+        means[label] = round((s1 - s0) / (c1 - c0) * 1000, 1) if c1 > c0 else None
+    return means
 
 
 def _role(p: psutil.Process) -> str:
@@ -170,7 +209,7 @@ def main() -> int:
             n = max(10, int(rate * args.seconds))
             workload = ["--trace", args.trace] if args.trace else \
                 ["--request-rate", str(rate), "--num-prompts", str(n), "--seed", str(args.seed)]
-            before = lateness_counts(url)
+            before, hist0 = lateness_counts(url), histogram_sums(url)
             res = out / f"r{rate}.json"
             cpu0, kids0 = cpu_by_role(proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.time()
@@ -187,7 +226,7 @@ def main() -> int:
             kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cores = cpu_split(cpu0, cpu_by_role(proc.pid), (kids1.ru_utime + kids1.ru_stime)
                               - (kids0.ru_utime + kids0.ru_stime), wall)
-            after = lateness_counts(url)
+            after, hist1 = lateness_counts(url), histogram_sums(url)
             delta = [a - b for a, b in zip(after, before)]
             d = json.loads(res.read_text()) if res.exists() else {}
             p50, p99, mx = (quantile_from_counts(delta, q) * 1000 for q in (0.5, 0.99, 1.0))
@@ -197,7 +236,9 @@ def main() -> int:
                    "out_tok_s": d.get("output_throughput"), "mean_ttft_ms": d.get("mean_ttft_ms"),
                    "mean_tpot_ms": d.get("mean_tpot_ms"), "mean_itl_ms": d.get("mean_itl_ms"),
                    "steps": sum(delta), "late_p50_ms": p50,
-                   "late_p99_ms": p99, "late_max_ms": mx, "sustained": ok, "wall_s": round(wall, 1), "cores": cores}
+                   "late_p99_ms": p99, "late_max_ms": mx, "sustained": ok, "wall_s": round(wall, 1), "cores": cores,
+                   "ttft_ms_by_layer": {"client (Locust)": d.get("mean_ttft_ms") and round(d["mean_ttft_ms"], 1),
+                                        **ttft_by_layer(hist0, hist1)}}
             row["spy"] = {r: f.result() for r, f in spies}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -217,6 +258,10 @@ def main() -> int:
     print("\ncores used per process role (CPU s / wall s over each rate's run, the Locust client included):")
     for r in rows:
         print(f"  {r['rate']} req/s: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items())))
+    print("\nmean TTFT (ms) where each layer stamps it, outermost first (client > gateway > vLLM's API "
+          "server > the engine's queue; the gap between two layers is what the outer one adds):")
+    for r in rows:
+        print(f"  {r['rate']} req/s: " + ", ".join(f"{k} {v}" for k, v in r["ttft_ms_by_layer"].items()))
     for r in rows:
         for role, cats in (r["spy"] or {}).items():
             if cats:
