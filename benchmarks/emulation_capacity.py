@@ -18,6 +18,15 @@ queue: :data:`TTFT_LAYERS`), and the highest sustained rate and its output tok/s
     python benchmarks/emulation_capacity.py --replicas 2 --rates 10,20,40,60
     python benchmarks/emulation_capacity.py --rates 60,100 --extra-args "--api-server-count 2"
     python benchmarks/emulation_capacity.py --trace docs/data/capacity/decode-heavy_28rps.jsonl --spy 15
+    python benchmarks/emulation_capacity.py --fixed-lengths 128:512 --rates 16,19,22,28 --seconds 90 --simulate
+
+``--fixed-lengths IN:OUT`` replaces ShareGPT with requests of fixed lengths (a Mooncake trace per
+rate: Poisson arrivals over ``--seconds``, numpy ``default_rng(rate)``, unique prefix blocks), a
+decode-heavy load that reaches output rates ShareGPT's prefill-bound mix cannot. ``--simulate``
+also runs ``emugate simulate`` on each rate's workload (same profile, model, requests and
+arrivals, virtual time) and prints emulated against simulated: the difference is what the host adds.
+Give runs a minute or more of arrivals (``--seconds 90``): a short burst ends before the host's
+backlog shows.
 
 Lateness quantiles are bucket upper bounds (0.1, 0.25, 0.5, 1, 2.5, 5 ... ms).
 """
@@ -96,6 +105,35 @@ def ttft_by_layer(before: dict, after: dict) -> dict[str, float | None]:
         s1, c1 = after.get(name, (0.0, 0.0))
         means[label] = round((s1 - s0) / (c1 - c0) * 1000, 1) if c1 > c0 else None
     return means
+
+
+def fixed_length_trace(rate: float, seconds: float, input_len: int, output_len: int, path: Path) -> int:
+    """Write a Mooncake JSONL of Poisson arrivals at ``rate`` req/s over ``seconds`` s (timestamps in
+    ms, numpy ``default_rng(rate)``), each request ``input_len`` prompt and ``output_len`` output
+    tokens with a prefix block of its own; returns the number of requests."""
+    import numpy as np
+    rng = np.random.default_rng(int(rate))
+    t, rows = 0.0, []
+    while True:
+        t += rng.exponential(1.0 / rate)
+        if t > seconds:
+            break
+        rows.append(json.dumps({"timestamp": int(round(t * 1000)), "input_length": input_len,
+                                "output_length": output_len, "hash_ids": [3_000_000 + int(rate) * 10_000 + len(rows)]}))
+    path.write_text("\n".join(rows) + "\n")
+    return len(rows)
+
+
+def simulate(args, workload: list[str], out: Path) -> dict:
+    """``emugate simulate`` on the same workload (flags as given to Locust) with the benchmark's
+    profile, model and max_model_len; its result JSON (vLLM's keys), or {} when it failed."""
+    cmd = [sys.executable, "-m", "emugate", "simulate", "--profile", args.profile, "--model", args.model,
+           "--max-model-len", "32768", "--quiet", *workload, "--result-json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0 or not out.exists():
+        print(f"simulate failed ({proc.returncode}): {proc.stderr[-500:]}", file=sys.stderr)
+        return {}
+    return json.loads(out.read_text())
 
 
 def _role(p: psutil.Process) -> str:
@@ -194,7 +232,20 @@ def main() -> int:
                     "starting 5 s into each rate, and print where their CPU goes (perturbs the run)")
     ap.add_argument("--trace", help="replay this trace (Mooncake JSONL, ...) instead of ShareGPT at --rates; "
                     "one run, its own arrival times")
+    ap.add_argument("--fixed-lengths", metavar="IN:OUT", help="requests of these fixed prompt and output "
+                    "lengths (tokens) instead of ShareGPT: a Poisson trace per rate over --seconds")
+    ap.add_argument("--simulate", action="store_true", help="also run emugate simulate on each rate's "
+                    "workload and print emulated against simulated")
     args = ap.parse_args()
+    if args.trace and args.fixed_lengths:
+        ap.error("--trace and --fixed-lengths exclude each other")
+    fixed = None
+    if args.fixed_lengths:
+        try:
+            fixed = tuple(int(x) for x in args.fixed_lengths.split(":"))
+            assert len(fixed) == 2 and min(fixed) > 0
+        except (ValueError, AssertionError):
+            ap.error(f"--fixed-lengths wants IN:OUT in tokens, e.g. 128:512, not {args.fixed_lengths!r}")
     if args.trace:
         args.rates = "0"
     cfg = (f'[[backends]]\nname = "emu"\nmodel = "{args.model}"\nmode = "emulate"\nprofile = "{args.profile}"\n'
@@ -207,8 +258,14 @@ def main() -> int:
         out = Path(tempfile.mkdtemp())
         for rate in [float(r) for r in args.rates.split(",") if r]:
             n = max(10, int(rate * args.seconds))
-            workload = ["--trace", args.trace] if args.trace else \
-                ["--request-rate", str(rate), "--num-prompts", str(n), "--seed", str(args.seed)]
+            if fixed:
+                trace = out / f"fixed{rate:g}.jsonl"
+                n = fixed_length_trace(rate, args.seconds, *fixed, trace)
+                workload = ["--trace", str(trace)]
+            elif args.trace:
+                workload = ["--trace", args.trace]
+            else:
+                workload = ["--request-rate", str(rate), "--num-prompts", str(n), "--seed", str(args.seed)]
             before, hist0 = lateness_counts(url), histogram_sums(url)
             res = out / f"r{rate}.json"
             cpu0, kids0 = cpu_by_role(proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -232,6 +289,7 @@ def main() -> int:
             p50, p99, mx = (quantile_from_counts(delta, q) * 1000 for q in (0.5, 0.99, 1.0))
             ok = p99 < args.p99_ms and d.get("failed", 1) == 0
             row = {"rate": "trace" if args.trace else f"{rate:g}", "prompts": None if args.trace else n,
+                   "workload": f"fixed {fixed[0]}:{fixed[1]}" if fixed else "trace" if args.trace else "ShareGPT",
                    "completed": d.get("completed"), "failed": d.get("failed"),
                    "out_tok_s": d.get("output_throughput"), "mean_ttft_ms": d.get("mean_ttft_ms"),
                    "mean_tpot_ms": d.get("mean_tpot_ms"), "mean_itl_ms": d.get("mean_itl_ms"),
@@ -240,6 +298,10 @@ def main() -> int:
                    "ttft_ms_by_layer": {"client (Locust)": d.get("mean_ttft_ms") and round(d["mean_ttft_ms"], 1),
                                         **ttft_by_layer(hist0, hist1)}}
             row["spy"] = {r: f.result() for r, f in spies}
+            if args.simulate:
+                sim = simulate(args, workload, out / f"sim{rate}.json")
+                row["simulate"] = {k: sim.get(k) for k in ("completed", "output_throughput", "mean_ttft_ms",
+                                                         "mean_tpot_ms", "mean_itl_ms")}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if ok:
@@ -255,6 +317,19 @@ def main() -> int:
               f"{r['mean_ttft_ms'] or 0:.1f} | {r['mean_tpot_ms'] or 0:.2f} | {r['mean_itl_ms'] or 0:.2f} | "
               f"{r['steps']} | "
               f"{r['late_p50_ms']:g} / {r['late_p99_ms']:g} / {r['late_max_ms']:g} |")
+    if args.simulate:
+        print("\nemulated (simulate) on the same requests and arrivals; difference in brackets:")
+        print("| rate | out tok/s | mean TTFT ms | mean TPOT ms | mean ITL ms |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in rows:
+            sim = r.get("simulate") or {}
+            cells = []
+            for ours, theirs, fmt in (("out_tok_s", "output_throughput", ",.0f"),
+                                      ("mean_ttft_ms", "mean_ttft_ms", ",.1f"),
+                                      ("mean_tpot_ms", "mean_tpot_ms", ".2f"), ("mean_itl_ms", "mean_itl_ms", ".2f")):
+                e, m = r.get(ours), sim.get(theirs)
+                cells.append(f"{e:{fmt}} ({m:{fmt}}) [{(e - m) / m * 100:+.1f} %]" if e and m else "-")
+            print(f"| {r['rate']} | " + " | ".join(cells) + " |")
     print("\ncores used per process role (CPU s / wall s over each rate's run, the Locust client included):")
     for r in rows:
         print(f"  {r['rate']} req/s: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items())))
