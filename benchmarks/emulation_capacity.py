@@ -12,7 +12,11 @@ on the same workload, which has no host path. Prints one row per rate (completed
 failures, output tok/s, TTFT, TPOT, ITL, lateness p50/p99/max), the cores each part of the stack used (gateway, vLLM API
 server(s), engine core, the Locust client; psutil CPU times over the rate's wall time),
 the mean TTFT where each layer stamps it (client, gateway, vLLM's API server, the scheduler's
-queue: :data:`TTFT_LAYERS`), and the highest sustained rate and its output tok/s.
+queue: :data:`TTFT_LAYERS`), and the highest sustained rate and its output tok/s. With
+``--simulate`` a rate is also judged *faithful* (:func:`faithful`): what clients saw matches the
+device's (output tok/s and mean TPOT within ``--tol-pct`` of simulate's, mean TTFT within
+``--ttft-allowance-ms`` of it), and the highest faithful rate is printed too: a sustained rate
+whose TTFT drifted by seconds is sustained by the engine, not faithful to clients.
 
     python benchmarks/emulation_capacity.py --replicas 1 --rates 5,10,20,30,40
     python benchmarks/emulation_capacity.py --replicas 2 --rates 10,20,40,60
@@ -136,6 +140,21 @@ def simulate(args, workload: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def faithful(row: dict, sim: dict, tol_pct: float, ttft_allowance_ms: float) -> bool:
+    """True when an emulated rate's client-side figures match simulate's on the same workload:
+    output tok/s and mean TPOT within ``tol_pct`` % and mean TTFT at most ``ttft_allowance_ms`` ms
+    above (the host path's allowance: the gateway, vLLM's API server and the client, which virtual
+    time leaves out). False when either side is missing."""
+    try:
+        e_tp, m_tp = row["out_tok_s"], sim["output_throughput"]
+        e_tpot, m_tpot = row["mean_tpot_ms"], sim["mean_tpot_ms"]
+        e_ttft, m_ttft = row["mean_ttft_ms"], sim["mean_ttft_ms"]
+        return (abs(e_tp - m_tp) <= m_tp * tol_pct / 100 and abs(e_tpot - m_tpot) <= m_tpot * tol_pct / 100
+                and e_ttft - m_ttft <= ttft_allowance_ms)
+    except (KeyError, TypeError):
+        return False
+
+
 def _role(p: psutil.Process) -> str:
     """The part of the serving stack a process of the gateway's tree plays, from its title
     (vLLM names its processes ``VLLM::EngineCore``, ``VLLM::APIServer_N`` with setproctitle)
@@ -236,6 +255,10 @@ def main() -> int:
                     "lengths (tokens) instead of ShareGPT: a Poisson trace per rate over --seconds")
     ap.add_argument("--simulate", action="store_true", help="also run emugate simulate on each rate's "
                     "workload and print emulated against simulated")
+    ap.add_argument("--tol-pct", type=float, default=5.0, help="with --simulate: output tok/s and TPOT "
+                    "within this %% of simulate's count as faithful")
+    ap.add_argument("--ttft-allowance-ms", type=float, default=100.0, help="with --simulate: mean TTFT "
+                    "at most this much (ms) above simulate's counts as faithful (the host path)")
     args = ap.parse_args()
     if args.trace and args.fixed_lengths:
         ap.error("--trace and --fixed-lengths exclude each other")
@@ -252,7 +275,7 @@ def main() -> int:
            f'replicas = {args.replicas}\nmax_model_len = 32768\n'
            f'extra_args = {json.dumps(args.extra_args.split())}\n')
     url, proc, log = start_gateway("capacity", cfg)
-    rows, best = [], None
+    rows, best, best_faithful = [], None, None
     try:
         wait_healthy(url, proc, timeout_s=600, path="/ready")
         out = Path(tempfile.mkdtemp())
@@ -302,6 +325,9 @@ def main() -> int:
                 sim = simulate(args, workload, out / f"sim{rate}.json")
                 row["simulate"] = {k: sim.get(k) for k in ("completed", "output_throughput", "mean_ttft_ms",
                                                          "mean_tpot_ms", "mean_itl_ms")}
+                row["faithful"] = faithful(row, sim, args.tol_pct, args.ttft_allowance_ms)
+                if row["faithful"]:
+                    best_faithful = row
             rows.append(row)
             print(json.dumps(row), flush=True)
             if ok:
@@ -319,8 +345,8 @@ def main() -> int:
               f"{r['late_p50_ms']:g} / {r['late_p99_ms']:g} / {r['late_max_ms']:g} |")
     if args.simulate:
         print("\nemulated (simulate) on the same requests and arrivals; difference in brackets:")
-        print("| rate | out tok/s | mean TTFT ms | mean TPOT ms | mean ITL ms |")
-        print("|---:|---:|---:|---:|---:|")
+        print("| rate | out tok/s | mean TTFT ms | mean TPOT ms | mean ITL ms | faithful |")
+        print("|---:|---:|---:|---:|---:|---|")
         for r in rows:
             sim = r.get("simulate") or {}
             cells = []
@@ -329,7 +355,7 @@ def main() -> int:
                                       ("mean_tpot_ms", "mean_tpot_ms", ".2f"), ("mean_itl_ms", "mean_itl_ms", ".2f")):
                 e, m = r.get(ours), sim.get(theirs)
                 cells.append(f"{e:{fmt}} ({m:{fmt}}) [{(e - m) / m * 100:+.1f} %]" if e and m else "-")
-            print(f"| {r['rate']} | " + " | ".join(cells) + " |")
+            print(f"| {r['rate']} | " + " | ".join(cells) + f" | {'yes' if r.get('faithful') else 'no'} |")
     print("\ncores used per process role (CPU s / wall s over each rate's run, the Locust client included):")
     for r in rows:
         print(f"  {r['rate']} req/s: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items())))
@@ -347,6 +373,14 @@ def main() -> int:
               f"{best['out_tok_s']:.0f} output tok/s")
     else:
         print("no rate sustained")
+    if args.simulate:
+        crit = (f"output tok/s and TPOT within {args.tol_pct:g} % of simulate's, TTFT at most "
+                f"+{args.ttft_allowance_ms:g} ms")
+        if best_faithful:
+            print(f"highest faithful ({crit}): {best_faithful['rate']} req/s, "
+                  f"{best_faithful['out_tok_s']:.0f} output tok/s")
+        else:
+            print(f"no rate faithful ({crit})")
     return 0
 
 
