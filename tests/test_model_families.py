@@ -39,15 +39,24 @@ def _key(s) -> tuple:
             getattr(s, "attention_chunk_size", None), s.page_size_bytes)
 
 
-def _chat_and_stream(url: str, model: str, prompt: str) -> list[str]:
-    """An 8-token chat (asserted served in full), then a 5-token streamed completion of ``prompt``;
-    returns the stream's data events (``[DONE]`` excluded)."""
+def _chat_and_stream(url: str, model: str, prompt: str) -> int:
+    """An 8-token chat (asserted served in full), then a 5-token streamed completion of ``prompt``
+    with logprobs and usage; returns the tokens streamed, counted by the per-token logprob rows of
+    the chunks (vLLM merges deltas into one chunk when its API server lags the engine, so chunks are
+    not tokens), after asserting the stream ended with ``[DONE]`` and its usage chunk agrees."""
     r = httpx.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 8, "ignore_eos": True,
                                                        "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
     with httpx.stream("POST", url + "/v1/completions", json={
-            "model": model, "prompt": prompt, "max_tokens": 5, "ignore_eos": True, "stream": True}, timeout=60) as s:
-        return [ln for ln in s.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+            "model": model, "prompt": prompt, "max_tokens": 5, "ignore_eos": True, "stream": True, "logprobs": 0,
+            "stream_options": {"include_usage": True}}, timeout=60) as s:
+        events = [ln.removeprefix("data: ") for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", events
+    docs = [json.loads(e) for e in events[:-1]]
+    streamed = sum(len(d["choices"][0]["logprobs"]["tokens"]) for d in docs if d.get("choices"))
+    usage = [d["usage"] for d in docs if d.get("usage") and not d.get("choices")]
+    assert usage and usage[-1]["completion_tokens"] == streamed, (usage, streamed)
+    return streamed
 
 
 def _cache_config_info(url: str) -> str:
@@ -144,7 +153,7 @@ def test_a_hybrid_model_is_served_with_its_state_pool(model_dirs):
     d = model_dirs["qwen3-next"]
     with vllm_server("emulated-hybrid", ["--max-model-len", "1024", "--num-gpu-blocks-override", "100"],
                      profile=None, step_ms=2.0, model=str(d)) as (url, _, log):
-        assert sum(ln.startswith("data: {") for ln in _chat_and_stream(url, str(d), "x " * 100)) >= 5
+        assert _chat_and_stream(url, str(d), "x " * 100) == 5
         info = _cache_config_info(url)
         assert 'num_gpu_blocks="100"' in info and 'mamba_ssm_cache_dtype="auto"' in info, info
         text = log.read_text()
@@ -158,7 +167,7 @@ def test_an_mla_model_is_served_with_chunked_prefill_and_prefix_caching_as_on_a_
     d = model_dirs["deepseek-v3"]
     args = ["--max-model-len", "1024", "--num-gpu-blocks-override", "65", "--enable-prefix-caching"]
     with vllm_server("emulated-mla", args, profile=None, step_ms=2.0, model=str(d)) as (url, _, log):
-        assert len(_chat_and_stream(url, str(d), "x " * 300)) >= 5
+        assert _chat_and_stream(url, str(d), "x " * 300) == 5
         info = _cache_config_info(url)
         assert 'num_gpu_blocks="65"' in info and 'enable_prefix_caching="True"' in info, info
         text = log.read_text()
