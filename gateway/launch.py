@@ -322,7 +322,8 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace_s: float = 20.0) -> int | None:
-        """SIGTERM the process group, SIGKILL it after ``grace_s``; returns the exit code.
+        """SIGTERM the process group, SIGKILL it after ``grace_s``; returns the exit code once no
+        member of the group is alive (or 2 s after the SIGKILL).
 
         The group's other members (engine core, workers) get the rest of the grace, at most
         :data:`STRAGGLER_GRACE_S`, to finish their own shutdown once the API server has exited:
@@ -353,6 +354,9 @@ class ServerProcess:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+        until = time.monotonic() + 2.0  # SIGKILL is delivered asynchronously: return once the group is gone
+        while time.monotonic() < until and group_members({self.proc.pid}):
+            time.sleep(0.02)
         if self._reader:
             self._reader.join(timeout=2)
         Reaper.get().untrack(self.proc.pid)
