@@ -13,7 +13,6 @@ import json
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from conftest import start_gateway, status_of, vllm_server, wait_for
 from gateway.launch import free_port
@@ -122,6 +121,7 @@ def test_hybrid_models_get_vllms_state_specs_with_the_gpus_block_alignment(model
     FullAttentionSpec), after the attention block is aligned as vLLM does on a GPU: the smallest
     multiple of FlashAttention's 16 whose attention page holds the state page, the state page padded
     to it, so every layer's page is the same and vLLM's allocator takes them as one pool."""
+    import torch  # here, not at module level: collecting the unit tier should not import torch (2 s)
     from vllm.utils.math_utils import cdiv
 
     from emu_executor.executor import build_kv_cache_spec
