@@ -80,35 +80,28 @@ def with_trace(backend: BackendConfig, trace: Path) -> BackendConfig:
     return backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
 
 
-#: The longest :func:`settled_trace` waits for an idle server's trace to stop growing (s).
+#: The longest :func:`steps_since` waits for an idle server's trace to stop growing (s).
 TRACE_SETTLE_TIMEOUT_S = 30.0
-
-
-def settled_trace(trace: Path, timeout_s: float = TRACE_SETTLE_TIMEOUT_S) -> dict[str, np.ndarray]:
-    """Step columns (int64) of an idle live server's ``trace`` once every step it ran is on disk.
-
-    Reads the trace every ``TRACE_FLUSH_WAIT_S`` (longer than the recorder's flush period) until
-    two reads in a row hold the same number of steps, at most ``timeout_s``. One fixed wait is not
-    enough on a loaded host: the flusher thread can run late, and steps left in its buffer when
-    the server is stopped are lost if the engine core is killed before its own shutdown flush
-    (CI saw a start's last grid cell missing that way). Raises nothing: after ``timeout_s`` it
-    returns what is there."""
-    deadline = time.monotonic() + timeout_s
-    time.sleep(TRACE_FLUSH_WAIT_S)
-    cols = read_trace_columns(trace)[1]
-    while time.monotonic() < deadline:
-        time.sleep(TRACE_FLUSH_WAIT_S)
-        again = read_trace_columns(trace)[1]
-        if len(again.get("latency_us", ())) == len(cols.get("latency_us", ())):
-            return again
-        cols = again
-    return cols
 
 
 def steps_since(trace: Path, n0: int = 0) -> dict[str, np.ndarray]:
     """Step columns (int64; the profile's and the engine columns) of a live, idle server's ``trace``
-    after its first ``n0`` steps, read once the recorder has flushed them all (:func:`settled_trace`)."""
-    return {k: v[n0:] for k, v in settled_trace(trace).items()}
+    after its first ``n0`` steps, read once the recorder has flushed them all.
+
+    Waits until the file's size holds still over ``TRACE_FLUSH_WAIT_S`` (longer than the recorder's
+    flush period), at most ``TRACE_SETTLE_TIMEOUT_S``, then parses it once: on a loaded host the
+    flusher thread can run late, so one fixed wait could miss the last steps. Raises nothing: after
+    the timeout it reads what is there."""
+    def size() -> int:
+        return trace.stat().st_size if trace.exists() else 0
+
+    deadline, last = time.monotonic() + TRACE_SETTLE_TIMEOUT_S, size()
+    while time.monotonic() < deadline:
+        time.sleep(TRACE_FLUSH_WAIT_S)
+        if (now := size()) == last:
+            break
+        last = now
+    return {k: v[n0:] for k, v in read_trace_columns(trace)[1].items()}
 
 
 @dataclass
@@ -252,9 +245,6 @@ def capture_start(backend: BackendConfig, trace: Path, plan: SweepPlan, log_file
         lens: list[int] = []
         if plan.workload_requests and plan.workload_rates:
             lens = run_workload(url, b.model_name, plan, resolve_model(b.model), trace.with_suffix(""))
-        # every step on disk before the stop: the engine core's shutdown flush is not guaranteed
-        n = len(settled_trace(trace).get("latency_us", ()))
-        print(f"[capture]{label} {n - n_warm} steps recorded after the warm-up")
     return n_warm, lens
 
 

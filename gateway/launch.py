@@ -247,6 +247,17 @@ class Reaper:
         self._write(f"-{pgid}")
 
 
+def _wait_group_gone(pgid: int, within_s: float, poll_s: float = 0.05) -> bool:
+    """Poll :func:`group_members` until process group ``pgid`` has no live member, at most
+    ``within_s`` seconds; True when it is gone."""
+    until = time.monotonic() + within_s
+    while group_members({pgid}):
+        if time.monotonic() >= until:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 #: The longest :meth:`ServerProcess.stop` waits, within its grace, for the rest of a process group
 #: (engine core, workers) after the group's leader has exited (s).
 STRAGGLER_GRACE_S = 10.0
@@ -343,9 +354,7 @@ class ServerProcess:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 pass
-            until = time.monotonic() + min(STRAGGLER_GRACE_S, max(0.0, grace_s - (time.monotonic() - t0)))
-            while time.monotonic() < until and group_members({self.proc.pid}):
-                time.sleep(0.05)
+            _wait_group_gone(self.proc.pid, min(STRAGGLER_GRACE_S, max(0.0, grace_s - (time.monotonic() - t0))))
         try:  # also reap stragglers of the group (engine core) once the leader is gone
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -354,9 +363,7 @@ class ServerProcess:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
-        until = time.monotonic() + 2.0  # SIGKILL is delivered asynchronously: return once the group is gone
-        while time.monotonic() < until and group_members({self.proc.pid}):
-            time.sleep(0.02)
+        _wait_group_gone(self.proc.pid, 2.0)  # SIGKILL is delivered asynchronously: return once the group is gone
         if self._reader:
             self._reader.join(timeout=2)
         Reaper.get().untrack(self.proc.pid)
