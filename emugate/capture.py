@@ -84,14 +84,11 @@ def with_trace(backend: BackendConfig, trace: Path) -> BackendConfig:
 TRACE_SETTLE_TIMEOUT_S = 30.0
 
 
-def steps_since(trace: Path, n0: int = 0) -> dict[str, np.ndarray]:
-    """Step columns (int64; the profile's and the engine columns) of a live, idle server's ``trace``
-    after its first ``n0`` steps, read once the recorder has flushed them all.
-
-    Waits until the file's size holds still over ``TRACE_FLUSH_WAIT_S`` (longer than the recorder's
-    flush period), at most ``TRACE_SETTLE_TIMEOUT_S``, then parses it once: on a loaded host the
-    flusher thread can run late, so one fixed wait could miss the last steps. Raises nothing: after
-    the timeout it reads what is there."""
+def wait_trace_flushed(trace: Path) -> None:
+    """Return once a live, idle server's ``trace`` holds every step it ran: when the file's size holds
+    still over ``TRACE_FLUSH_WAIT_S`` (longer than the recorder's flush period), at most
+    ``TRACE_SETTLE_TIMEOUT_S``. On a loaded host the flusher thread can run late, so one fixed wait
+    could miss the last steps. Raises nothing: after the timeout it returns all the same."""
     def size() -> int:
         return trace.stat().st_size if trace.exists() else 0
 
@@ -99,8 +96,15 @@ def steps_since(trace: Path, n0: int = 0) -> dict[str, np.ndarray]:
     while time.monotonic() < deadline:
         time.sleep(TRACE_FLUSH_WAIT_S)
         if (now := size()) == last:
-            break
+            return
         last = now
+
+
+def steps_since(trace: Path, n0: int = 0) -> dict[str, np.ndarray]:
+    """Step columns (int64; the profile's and the engine columns) of a live, idle server's ``trace``
+    after its first ``n0`` steps, read once the recorder has flushed them all
+    (:func:`wait_trace_flushed`) and parsed once. Raises nothing."""
+    wait_trace_flushed(trace)
     return {k: v[n0:] for k, v in read_trace_columns(trace)[1].items()}
 
 
@@ -245,6 +249,13 @@ def capture_start(backend: BackendConfig, trace: Path, plan: SweepPlan, log_file
         lens: list[int] = []
         if plan.workload_requests and plan.workload_rates:
             lens = run_workload(url, b.model_name, plan, resolve_model(b.model), trace.with_suffix(""))
+        # the recorder's periodic flush, not the server's stop, must put the last steps on disk: once
+        # vLLM 0.32's engine core leaves its busy loop it resets SIGTERM to the default action, and the
+        # API server's process manager then SIGTERMs it (and, with --shutdown-timeout 0, SIGKILLs it)
+        # during its teardown, where the executor's shutdown flush runs: without this wait the grid's
+        # last cell (or all of it) went missing from one start's trace in CI's run of stop 34 and in
+        # both test captures run here on 2026-12-07
+        wait_trace_flushed(trace)
     return n_warm, lens
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MODEL
+from conftest import MODEL, real_cpu_dtype
 from emugate.capture import START_SEED_STRIDE, SweepPlan, capture, start_trace
 from gateway.config import BackendConfig
 from profiles.build import read_trace_columns
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # two real vLLM-CPU server sta
 
 
 def test_capture_pools_two_server_starts_each_without_its_warmup(tmp_path):
-    backend = BackendConfig(name="cap", model=MODEL, mode="real", load_format="dummy", dtype="bfloat16",
+    backend = BackendConfig(name="cap", model=MODEL, mode="real", load_format="dummy", dtype=real_cpu_dtype(),
                             max_model_len=2048, extra_args=["--gpu-memory-utilization", "0.2",
                                                             "--num-gpu-blocks-override", "64"])
     plan = SweepPlan(concurrency=[2], prompt_lens=[64], grid_output=6, grid_temperatures=[0.0, 1.0],
