@@ -23,6 +23,8 @@ from gateway.launch import ServerProcess, free_port, wait_healthy  # noqa: E402
 from profiles.assets import resolve_model_dir  # noqa: E402
 
 MODEL = "mistral-h1024-l8"
+BUNDLED_PROFILE = "cpu-epyc-2c_mistral-h1024-l8"
+LOG_DIR = ROOT / "runs" / "test-logs"
 
 
 def real_cpu_dtype() -> str:
@@ -41,8 +43,6 @@ def real_cpu_dtype() -> str:
     except OSError:
         return "float32"
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
-BUNDLED_PROFILE = "cpu-epyc-2c_mistral-h1024-l8"
-LOG_DIR = ROOT / "runs" / "test-logs"
 
 
 @contextlib.contextmanager
