@@ -80,7 +80,7 @@ def with_trace(backend: BackendConfig, trace: Path) -> BackendConfig:
     return backend.model_copy(update={"capture_trace": str(trace), "replicas": 1, "ports": None})
 
 
-#: The longest :func:`steps_since` waits for an idle server's trace to stop growing (s).
+#: The longest :func:`wait_trace_flushed` waits for an idle server's trace to stop growing (s).
 TRACE_SETTLE_TIMEOUT_S = 30.0
 
 

